@@ -130,7 +130,13 @@ def encode_moments(
     if tiling not in TILING_MODES:
         raise ValueError(f"tiling={tiling!r}: choose one of {', '.join(TILING_MODES)}")
     x, _ = _prepare(vae, images, pad)
-    moments = vae.quant_conv(vae.encoder(x)) if vae.quant_conv is not None else vae.encoder(x)  # (B, 2C, h, w)
+    from .tiling import tiled_encode_moments, tiling_plan
+
+    plan = tiling_plan(vae, tuple(x.shape), "encode", tiling)
+    if plan == "tiles":
+        return tiled_encode_moments(vae, x, tile_size)
+    enc = lambda t: vae.quant_conv(vae.encoder(t)) if vae.quant_conv is not None else vae.encoder(t)  # noqa: E731
+    moments = torch.cat([enc(t) for t in x.split(1)]) if plan == "slices" else enc(x)  # (B, 2C, h, w)
     mean, logvar = moments.float().chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps alike
 
@@ -193,13 +199,22 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
     latents = check_latents(vae, latents)
     p = _param(vae)
     z = denormalize_latents(vae, latents.to(device=p.device, dtype=torch.float32))  # (B, C, h, w) raw
-    out = _decode_raw(vae, z.to(p.dtype))
+    from .tiling import tiled_decode, tiling_plan
+
+    plan = tiling_plan(vae, tuple(z.shape), "decode", tiling)
+    if plan == "tiles":
+        run = lambda m, t: tiled_decode(m, t, tile_size)  # noqa: E731
+    elif plan == "slices":
+        run = lambda m, t: torch.cat([_decode_raw(m, s) for s in t.split(1)])  # noqa: E731
+    else:
+        run = _decode_raw
+    out = run(vae, z.to(p.dtype))
     if p.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
         import copy
         import warnings
 
         warnings.warn(f"{p.dtype} decode overflowed (non-finite output); decoding again in fp32", stacklevel=2)
-        out = _decode_raw(copy.deepcopy(vae).float(), z)
+        out = run(copy.deepcopy(vae).float(), z)
     return out.float()
 
 
@@ -293,7 +308,10 @@ def export(
         raise FileExistsError(f"{out}: exists and is not a folder")
     import copy
 
-    half = copy.deepcopy(vae).to(DTYPES[dtype])
+    half = copy.deepcopy(vae)
+    for t in list(half.parameters()) + list(half.buffers()):  # cast tensors, not the module: no diffusers upcast warning
+        if t.is_floating_point():
+            t.data = t.data.to(DTYPES[dtype])
     tmp = out.with_name(out.name + ".tmp-export")
     if tmp.exists():
         import shutil

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 
 # Feature modules that add subcommands (each defines register_cli(subparsers)).
-_COMMAND_MODULES: tuple[str, ...] = ("demo",)
+_COMMAND_MODULES: tuple[str, ...] = ("demo", "train", "latents", "stats", "convert", "swap", "fp16", "evaluate")
 
 MODEL_HELP = (
     "a diffusers VAE folder, a pipeline folder (its vae/), a weights file (.safetensors/.ckpt/.pt/.bin), "
@@ -32,19 +32,22 @@ def resolve_model(spec: str | None, *, dtype: str | None = None):
     from . import api
     from .presets import list_presets
 
+    from .fastconv import optimize
+
     if spec is None:
         from .weights import default_model_path
 
         spec = str(default_model_path())
     p = Path(spec)
     if p.exists():
-        return api.load(p, dtype=dtype)
+        # the CLI's inference path: fast CPU convolutions (off with KL_AUTOENCODER_FASTCONV=0)
+        return optimize(api.load(p, dtype=dtype))
     if spec in list_presets() or spec.endswith((".yaml", ".yml")):
         logging.getLogger("kl_autoencoder").warning(
             "MODEL %s is a preset: using freshly initialised (untrained) weights", spec
         )
         vae = api.create(spec)
-        return vae.to(api.DTYPES[dtype]) if dtype else vae
+        return optimize(vae.to(api.DTYPES[dtype]) if dtype else vae)
     raise CLIError(f"MODEL {spec}: no such folder or file, and not a preset ({', '.join(list_presets())})")
 
 

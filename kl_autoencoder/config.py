@@ -121,6 +121,7 @@ class DataConfig:
     random_flip: bool = True
     small_images: str = "upscale"  # "upscale" | "skip": images with a short side under crop_size
     min_size: int = 8  # images with a short side under this are skipped whatever small_images says
+    resize: int | None = None  # resize the short side to this before cropping; None: crop at native resolution
     val_dir: str | None = None
     val_images: int = 16
 

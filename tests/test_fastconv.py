@@ -1,0 +1,99 @@
+"""Fast CPU inference: outputs match eager within 1e-3, the switch restores eager exactly, weights untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kl_autoencoder as ka
+from kl_autoencoder import api, fastconv
+from kl_autoencoder.config import ModelConfig
+
+from conftest import perturb
+
+pytestmark = pytest.mark.skipif(not fastconv.nnpack_available(), reason="this PyTorch build has no NNPACK")
+
+# Wide enough (>= MIN_CHANNELS) that the 3x3 convs take the fast path.
+SMALL = ModelConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.5)
+
+
+@pytest.fixture
+def small_vae():
+    return perturb(ka.create(SMALL))
+
+
+def _images(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+
+
+def test_single_conv_matches_conv2d():
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    fastconv.optimize(conv)
+    x = torch.randn(2, 32, 20, 12)
+    with torch.no_grad():
+        out = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=1)  # independent: the functional eager conv
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert fastconv.is_optimized(conv)
+
+
+def test_optimized_vae_matches_eager(small_vae):
+    eager = copy.deepcopy(small_vae)
+    before = {k: v.clone() for k, v in small_vae.state_dict().items()}
+    fast = fastconv.optimize(small_vae)
+    assert fast is small_vae and fastconv.is_optimized(fast)
+    x = _images()
+    with torch.inference_mode():
+        z_ref = api.encode(eager, x)
+        z = api.encode(fast, x)
+        y_ref = api.decode(eager, z_ref)
+        y = api.decode(fast, z_ref)
+    assert (z - z_ref).abs().max() <= 1e-3
+    assert (y - y_ref).abs().max() <= 1e-3
+    assert not torch.equal(y, y_ref)  # the fast path really ran (Winograd rounds differently)
+    after = fast.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_switches_restore_exact_eager(small_vae, monkeypatch):
+    eager = copy.deepcopy(small_vae)
+    fast = fastconv.optimize(small_vae)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        ref = api.decode(eager, z)
+        with fastconv.disabled():
+            assert torch.equal(api.decode(fast, z), ref)
+        assert not torch.equal(api.decode(fast, z), ref)
+        monkeypatch.setenv(fastconv.ENV_VAR, "0")
+        assert torch.equal(api.decode(fast, z), ref)
+        assert not fastconv.is_optimized(fastconv.optimize(copy.deepcopy(eager)))  # env off: optimize is a no-op
+        monkeypatch.delenv(fastconv.ENV_VAR)
+        fastconv.optimize(fast, enabled=False)
+        assert not fastconv.is_optimized(fast)
+        assert torch.equal(api.decode(fast, z), ref)
+
+
+def test_training_uses_eager_and_gradients_flow(small_vae):
+    fast = fastconv.optimize(small_vae)
+    eager = copy.deepcopy(small_vae)
+    fastconv.optimize(eager, enabled=False)
+    x = _images(1, 32)
+    out = fast.decode(fast.encode(x).latent_dist.mean).sample
+    ref = eager.decode(eager.encode(x).latent_dist.mean).sample
+    assert torch.equal(out, ref)  # autograd recording: eager path
+    out.mean().backward()
+    assert fast.decoder.conv_in.weight.grad is not None and torch.isfinite(fast.decoder.conv_in.weight.grad).all()
+
+
+def test_eligibility():
+    assert fastconv.eligible(torch.nn.Conv2d(32, 32, 3, padding=1))
+    assert not fastconv.eligible(torch.nn.Conv2d(32, 32, 3, stride=2))
+    assert not fastconv.eligible(torch.nn.Conv2d(32, 32, 1))
+    assert not fastconv.eligible(torch.nn.Conv2d(3, 32, 3, padding=1))  # too few channels to gain
+    assert not fastconv.eligible(torch.nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"))

@@ -1,0 +1,92 @@
+"""Encode throughput: the full `kl-autoencoder encode` command vs bare `vae.encode` on pre-loaded tensors.
+
+    python tools/bench_encode.py [--images 48] [--resolution 256] [--batch-size 8] [--repeats 2]
+
+Model: the tiny-kl-f8 preset (untrained weights; speed does not depend on training), exported to a
+folder so the command loads it as a user would. Images: ../shared/data/bsds500 (JPEG 481x321) if
+present, else generated PNGs. The command's figure is end to end inside one process (model loading
+and hashing, file listing, sha256 of every file, JPEG decode, crop/resize, encode, shard writing,
+manifest); the bare figure times only `vae.encode(x)` on tensors already in memory. Runs alternate
+(bare, command, bare, ...) and the best of each is reported, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kl_autoencoder import api, cli
+from kl_autoencoder.buckets import Transform
+from kl_autoencoder.images import find_images, load_image, pil_to_tensor
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500"
+
+
+def dataset(n: int, tmp: Path) -> tuple[Path, str]:
+    data = tmp / "data"
+    data.mkdir()
+    files = find_images(SHARED)[:n] if SHARED.is_dir() else []
+    for f in files:
+        shutil.copy(f, data / f"{f.parent.name}_{f.name}")
+    rng = np.random.default_rng(0)
+    for i in range(n - len(files)):  # generated: smooth colour fields plus noise, 480x320
+        yy, xx = np.mgrid[0:320, 0:480] / 100.0
+        a = np.stack([np.sin(xx * (i + 1)), np.cos(yy * (i + 2)), np.sin((xx + yy) * 0.5)], -1) * 100 + 128
+        a = np.clip(a + rng.normal(0, 10, a.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(data / f"gen{i:03d}.png")
+    return data, (f"{len(files)} BSDS500 JPEGs" if files else f"{n} generated PNGs")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", default="tiny-kl-f8", help="preset or model folder")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
+    try:
+        data, what = dataset(args.images, tmp)
+        vae = cli.resolve_model(args.model)
+        model = tmp / "model"
+        api.export(vae, model)
+        t = Transform.fixed(args.resolution)
+        x = torch.stack([pil_to_tensor(t(load_image(f))[0]) for f in find_images(data)])  # (N, 3, R, R) in [-1, 1]
+        batches = list(x.split(args.batch_size))
+        print(f"{what}, {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.model}, "
+              f"{torch.get_num_threads()} torch threads, {args.num_workers} loader worker(s)")
+        with torch.no_grad():
+            vae.encode(batches[0])  # warm-up
+        bare, cmd = [], []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for b in batches:
+                    vae.encode(b).latent_dist.mean
+            bare.append(len(x) / (time.perf_counter() - t0))
+            out = tmp / f"out{r}"
+            argv = ["encode", str(model), str(data), str(out), "--resolution", str(args.resolution),
+                    "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--tiling", "never"]
+            t0 = time.perf_counter()
+            assert cli.main(argv) == 0
+            cmd.append(len(x) / (time.perf_counter() - t0))
+            print(f"run {r}: bare {bare[-1]:.2f} images/s, command {cmd[-1]:.2f} images/s")
+        b, c = max(bare), max(cmd)
+        print(f"bare vae.encode: {b:.2f} images/s | encode command: {c:.2f} images/s | ratio {c / b:.3f}")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
