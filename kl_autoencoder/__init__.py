@@ -29,11 +29,17 @@ from .latent_dataset import LatentDataset
 from .stats import LatentStats, compute_latent_stats
 from .evaluate import evaluate
 from .fastconv import optimize as optimize_inference
+from .interpolate import interpolate, slerp
+from .score import elbo_bits_per_dim, score_images
 
 __version__ = "0.1.0"
 
 __all__ = [
     "evaluate",
+    "interpolate",
+    "slerp",
+    "score_images",
+    "elbo_bits_per_dim",
     "optimize_inference",
     "Fp16Report",
     "IncompatibleVAEError",

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 
 # Feature modules that add subcommands (each defines register_cli(subparsers)).
-_COMMAND_MODULES: tuple[str, ...] = ("demo", "train", "latents", "stats", "convert", "swap", "fp16", "evaluate")
+_COMMAND_MODULES: tuple[str, ...] = ("demo", "train", "latents", "stats", "convert", "swap", "fp16", "evaluate", "interpolate", "score")
 
 MODEL_HELP = (
     "a diffusers VAE folder, a pipeline folder (its vae/), a weights file (.safetensors/.ckpt/.pt/.bin), "

@@ -14,7 +14,10 @@ from kl_autoencoder.config import ModelConfig
 
 from conftest import perturb
 
-pytestmark = pytest.mark.skipif(not fastconv.nnpack_available(), reason="this PyTorch build has no NNPACK")
+pytestmark = pytest.mark.skipif(
+    fastconv.winograd_library() is None and not fastconv.nnpack_available(), reason="no gcc/OpenMP and no NNPACK here"
+)
+needs_gcc = pytest.mark.skipif(fastconv.winograd_library() is None, reason="no gcc/OpenMP to build the Winograd kernels")
 
 # Wide enough (>= MIN_CHANNELS) that the 3x3 convs take the fast path.
 SMALL = ModelConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.5)
@@ -39,6 +42,54 @@ def test_single_conv_matches_conv2d():
         ref = F.conv2d(x, conv.weight, conv.bias, padding=1)  # independent: the functional eager conv
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert fastconv.is_optimized(conv)
+
+
+@pytest.mark.parametrize("m", [4, 6])
+def test_winograd_matrices_compute_1d_correlation(m):
+    at, g, bt = fastconv.winograd_matrices(m)  # (m, t), (t, 3), (t, t)
+    gen = torch.Generator().manual_seed(m)
+    d, w = torch.randn(m + 2, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    ref = torch.tensor([sum(float(d[i + k] * w[k]) for k in range(3)) for i in range(m)], dtype=torch.float64)  # by hand
+    torch.testing.assert_close(at @ ((g @ w) * (bt @ d)), ref, atol=1e-12, rtol=1e-12)
+
+
+@needs_gcc
+@pytest.mark.parametrize("m", [4, 6])
+@pytest.mark.parametrize("shape", [(2, 32, 13, 19), (1, 48, 6, 6), (1, 16, 1, 2), (1, 32, 40, 25)])
+def test_winograd_conv_matches_conv2d(m, shape):
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 16 if shape[1] == 48 else 32, 3, padding=1, bias=shape[0] == 1)
+    x = torch.randn(*shape, generator=gen)
+    with torch.no_grad():
+        out = fastconv.winograd_conv2d(conv, x, m)
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=1)  # independent: the functional eager conv
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_gcc
+def test_winograd_weight_cache_follows_weight_changes():
+    conv = fastconv.optimize(torch.nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(1, 32, 12, 12)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(-2.0)  # in place: version counter changes
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+        conv.weight = torch.nn.Parameter(torch.randn(32, 32, 3, 3) * 0.1)  # replaced
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+    assert "_fastconv_cache" not in dict(conv.named_buffers()) and list(conv.state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.skipif(not fastconv.nnpack_available(), reason="this PyTorch build has no NNPACK")
+def test_nnpack_fallback_without_compiler(monkeypatch):
+    monkeypatch.setattr(fastconv, "winograd_library", lambda: None)
+    conv = fastconv.optimize(torch.nn.Conv2d(32, 48, 3, padding=1))
+    x = torch.randn(1, 32, 20, 12)
+    with torch.no_grad():
+        out = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert out.is_contiguous()  # NCHW: NNPACK ran, not the channels_last Winograd path
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_optimized_vae_matches_eager(small_vae):

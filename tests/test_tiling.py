@@ -39,7 +39,7 @@ def tiny_vae():
     return perturb(ka.create("tiny-kl-f8"))
 
 
-@pytest.mark.parametrize("b,h,w,tile", [(1, 256, 256, 64), (2, 200, 152, 64), (1, 96, 160, 32)])
+@pytest.mark.parametrize("b,h,w,tile", [(1, 256, 256, 64), (2, 200, 152, 64), (1, 80, 160, 32)])
 def test_micro_encode_decode_match_untiled(micro_vae, b, h, w, tile):
     x = _images(b, h, w)
     mean, logvar = tiled_encode_moments(micro_vae, x, tile)
@@ -75,7 +75,7 @@ def test_attention_chunks_and_c16_without_quant_convs(micro_vae_c16, monkeypatch
 
 def test_per_tile_statistics_would_fail_the_bar(micro_vae):
     """Control: the comparison can fail. diffusers' tiling (per-tile GroupNorm) misses the bar on the same input."""
-    x = _images(1, 128, 128, seed=7)
+    x = _images(1, 96, 96, seed=7)
     vae = micro_vae
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size = 64, 8
