@@ -11,18 +11,14 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from . import api
-from .images import load_image, pil_to_tensor, save_grid, tensor_to_pil
+from .images import load_image, pil_to_tensor, save_grid, tensor_to_uint8
+from .metrics import bicubic_baseline, psnr_uint8, ssim_uint8
 from .samples import sample_paths
-
-
-def bicubic_baseline(img: Image.Image, factor: int) -> Image.Image:
-    """Bicubic downsample by ``factor`` then bicubic upsample back: a no-learning reference."""
-    small = img.resize((img.width // factor, img.height // factor), Image.BICUBIC, reducing_gap=None)
-    return small.resize(img.size, Image.BICUBIC)
 
 
 def _crop8(img: Image.Image, size: int | None) -> Image.Image:
@@ -44,6 +40,8 @@ def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
         vae = resolve_model(model)
         source = model or "the shipped default model"
     except FileNotFoundError:
+        if model is not None:
+            raise
         print("note: no shipped model found; using a freshly initialised tiny-kl-f8 (untrained: expect noise)")
         vae, source = api.create("tiny-kl-f8"), "untrained tiny-kl-f8"
     print(f"model: {source} ({api.num_parameters(vae):,} parameters, scaling_factor {vae.config.scaling_factor})")
@@ -51,12 +49,18 @@ def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
     for path in sample_paths():
         img = _crop8(load_image(path), size)
         x = pil_to_tensor(img)[None]  # (1, 3, H, W) in [-1, 1]
-        rec = api.reconstruct(vae, x)
-        base = pil_to_tensor(bicubic_baseline(img, 8))[None]
-        r = {"image": path.name, "psnr": api.psnr(x, rec), "psnr_bicubic_f8": api.psnr(x, base)}
+        rec = tensor_to_uint8(api.reconstruct(vae, x))[0]  # (H, W, 3)
+        a, base = np.asarray(img), np.asarray(bicubic_baseline(img, 8))
+        r = {"image": path.name, "psnr": psnr_uint8(a, rec), "ssim": ssim_uint8(a, rec),
+             "psnr_bicubic_f8": psnr_uint8(a, base), "ssim_bicubic_f8": ssim_uint8(a, base)}
         results.append(r)
-        print(f"  {path.name:14s} {img.width}x{img.height}  PSNR {r['psnr']:6.2f} dB   bicubic f8 {r['psnr_bicubic_f8']:6.2f} dB")
-        rows.append([img, tensor_to_pil(rec)[0]])
+        print(f"  {path.name:14s} {img.width}x{img.height}  PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.3f}   "
+              f"bicubic f8: {r['psnr_bicubic_f8']:6.2f} dB  {r['ssim_bicubic_f8']:.3f}")
+        rec = Image.fromarray(rec)
+        rows.append([img, rec])
+    mean = {k: float(np.mean([r[k] for r in results])) for k in ("psnr", "ssim", "psnr_bicubic_f8", "ssim_bicubic_f8")}
+    print(f"  {'mean':14s}          PSNR {mean['psnr']:6.2f} dB  SSIM {mean['ssim']:.3f}   "
+          f"bicubic f8: {mean['psnr_bicubic_f8']:6.2f} dB  {mean['ssim_bicubic_f8']:.3f}")
     grid = save_grid(rows, out / "demo_reconstructions.png")
     print(f"side by side (original | reconstruction): {grid}")
 
@@ -76,7 +80,7 @@ def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
         imgs = pipe(class_labels=[0], num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images
         imgs[0].save(out / "dit_sample.png")
         print(f"tiny random DiT pipeline ran in the latent space: {imgs[0].size[0]}x{imgs[0].size[1]} image -> {out / 'dit_sample.png'}")
-    api.save_json({"model": source, "images": results}, out / "demo.json")
+    api.save_json({"model": source, "mean": mean, "images": results}, out / "demo.json")
     print(f"done in {time.time() - t0:.1f} s")
     return {"images": results}
 

@@ -63,21 +63,31 @@ def test_winograd_conv_matches_conv2d(m, shape):
     with torch.no_grad():
         out = fastconv.winograd_conv2d(conv, x, m)
         ref = F.conv2d(x, conv.weight, conv.bias, padding=1)  # independent: the functional eager conv
-    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        out_cl = fastconv.winograd_conv2d(conv, x.contiguous(memory_format=torch.channels_last), m)
+    torch.testing.assert_close(out_cl, ref, atol=1e-4, rtol=1e-4)
 
 
 @needs_gcc
-def test_winograd_weight_cache_follows_weight_changes():
+def test_winograd_weight_cache_follows_weight_changes(monkeypatch):
+    monkeypatch.setattr(fastconv, "WINOGRAD_MIN_CHANNELS_PRODUCT", 0)  # our Winograd, not NNPACK, at this size
     conv = fastconv.optimize(torch.nn.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 32, 12, 12)
     with torch.no_grad():
         conv(x)
+        assert "_fastconv_cache" in conv.__dict__  # the Winograd path ran and cached its weights
         conv.weight.mul_(-2.0)  # in place: version counter changes
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
         conv.weight = torch.nn.Parameter(torch.randn(32, 32, 3, 3) * 0.1)  # replaced
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
     assert "_fastconv_cache" not in dict(conv.named_buffers()) and list(conv.state_dict()) == ["weight", "bias"]
+    twin = copy.deepcopy(conv)  # the packed cache is not copied; the copy rebuilds its own
+    with torch.no_grad():
+        twin.weight.mul_(0.5)
+        torch.testing.assert_close(twin(x), F.conv2d(x, twin.weight, twin.bias, padding=1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not fastconv.nnpack_available(), reason="this PyTorch build has no NNPACK")
@@ -88,11 +98,17 @@ def test_nnpack_fallback_without_compiler(monkeypatch):
     with torch.no_grad():
         out = conv(x)
         ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
-    assert out.is_contiguous()  # NCHW: NNPACK ran, not the channels_last Winograd path
+    assert fastconv.winograd_library() is None  # so NNPACK ran
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_optimized_vae_matches_eager(small_vae):
+@pytest.mark.parametrize("path", ["default", "winograd"])
+def test_optimized_vae_matches_eager(small_vae, path, monkeypatch):
+    if path == "winograd":  # force our F(6,3) on every eligible conv of the small model
+        if fastconv.winograd_library() is None:
+            pytest.skip("no gcc/OpenMP to build the Winograd kernels")
+        monkeypatch.setattr(fastconv, "WINOGRAD_MIN_CHANNELS_PRODUCT", 0)
+        monkeypatch.setattr(fastconv, "WINOGRAD_MAX_PIXELS", 1 << 30)
     eager = copy.deepcopy(small_vae)
     before = {k: v.clone() for k, v in small_vae.state_dict().items()}
     fast = fastconv.optimize(small_vae)
@@ -148,3 +164,21 @@ def test_eligibility():
     assert not fastconv.eligible(torch.nn.Conv2d(32, 32, 1))
     assert not fastconv.eligible(torch.nn.Conv2d(3, 32, 3, padding=1))  # too few channels to gain
     assert not fastconv.eligible(torch.nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"))
+
+
+def test_fused_resnet_blocks_are_exact(small_vae):
+    eager = copy.deepcopy(small_vae)
+    fast = fastconv.optimize(small_vae)
+    fused = [m for m in fast.modules() if "forward" in m.__dict__ and type(m).__name__ == "ResnetBlock2D"]
+    assert fused  # the in-place ResnetBlock2D forward is installed
+    for m in fast.modules():  # back to eager convs, so that only the fused block code differs
+        if isinstance(m, torch.nn.Conv2d):
+            m.__dict__.pop("forward", None)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fast.decode(z).sample, eager.decode(z).sample)
+        x = _images(1, 32)
+        assert torch.equal(fast.encode(x).latent_dist.mean, eager.encode(x).latent_dist.mean)
+    fastconv.optimize(fast, enabled=False)
+    assert not any("forward" in m.__dict__ for m in fast.modules())
+

@@ -92,7 +92,7 @@ def test_patchgan_layout_and_init():
     assert len(convs) == 5 and all(c.kernel_size == (4, 4) for c in convs)
     assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
     assert all(c.bias is None for c in convs[1:4])  # no bias before BatchNorm
-    w = torch.cat([c.weight.flatten() for c in convs])
+    w = torch.cat([c.weight.detach().flatten() for c in convs])
     assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002
     assert d(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 14, 14)
 

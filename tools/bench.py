@@ -7,7 +7,8 @@ Inference: ``AutoencoderKL.encode(x).latent_dist.mean`` / ``.decode(z).sample`` 
 (plain diffusers eager) against our path (``fastconv.optimize`` + ``api.encode_moments`` / ``api.decode``
 under ``torch.inference_mode``) on the same weights and input. Baseline and ours alternate within each
 repeat, so load from other processes on a shared CPU hits both alike; the speedup is the ratio of
-the best times. Peak memory: the largest rise of this process's RSS during a call, sampled every 2 ms.
+the best times, after one untimed warm-up call each (its time is printed: ours packs its Winograd
+weights there, once per layer). Peak memory: the largest rise of this process's RSS during a call, sampled every 2 ms.
 
 Training: steps/s of ``kl_autoencoder.train.train`` against a minimal loop (same tiny model, L1 + KL,
 Adam, same batch size and crop) on one in-memory batch; ``train_overhead = plain / trainer - 1``.
@@ -86,6 +87,12 @@ def bench_inference(size: int, repeats: int) -> dict[str, float]:
         with torch.inference_mode():
             return api.decode(ours, latents)
 
+    # One untimed warm-up call each: oneDNN builds its primitives on a first call, and ours also
+    # transforms and packs the Winograd weights once per layer (and per band shape); reported apart.
+    first = {}
+    for name, fn in (("plain_enc", plain_enc), ("ours_enc", ours_enc), ("plain_dec", plain_dec), ("ours_dec", ours_dec)):
+        first[name] = timed(fn)[0]
+    print(f"  {size}px first (warm-up) calls: " + ", ".join(f"{k} {v:.2f} s" for k, v in first.items()), flush=True)
     outs = {}
     for r in range(repeats):
         for name, fn in (("plain_enc", plain_enc), ("ours_enc", ours_enc), ("plain_dec", plain_dec), ("ours_dec", ours_dec)):
@@ -99,6 +106,7 @@ def bench_inference(size: int, repeats: int) -> dict[str, float]:
         "size": size,
         **{f"{k}_img_s": 1 / v for k, v in best.items()},
         **{f"{k}_peak_mib": v for k, v in mem.items()},
+        **{f"{k}_first_s": v for k, v in first.items()},
         "encode_speedup": best["plain_enc"] / best["ours_enc"],
         "decode_speedup": best["plain_dec"] / best["ours_dec"],
         "encode_max_err": float((outs["plain_enc"] - outs["ours_enc"]).abs().max()),

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BSDS=${BSDS:-../shared/data/bsds500}
 KODAK=${KODAK:-../shared/data/kodak}
-RUN_DIR=${RUN_DIR:-runs/kl-f8c4-cpu}
+RUN_DIR=${RUN_DIR:-runs/kl-f8c4-cpu-phase2}
 OUT=${OUT:-weights/kl-f8c4-bsds-cpu}
 KL=${KL:-.venv/bin/kl-autoencoder}
 PY=${PY:-.venv/bin/python}
