@@ -14,4 +14,4 @@ PY=${PY:-.venv/bin/python}
 # SD-style layout (no shift): diffusers SD/DiT pipelines divide by scaling_factor and ignore a shift
 "$KL" stats "$OUT" "$BSDS/val" --resolution 256 --no-shift --write | tee "$RUN_DIR/stats.txt"
 "$KL" eval "$OUT" "$KODAK" --output "$OUT/eval-kodak" | tee "$RUN_DIR/eval-kodak.txt"
-"$PY" tools/write_model_card.py --run "$RUN_DIR" --model "$OUT"
+"$PY" tools/write_model_card.py --run "$RUN_DIR" --model "$OUT" --phase1 "${PHASE1_DIR:-${RUN_DIR%-phase2}}"
