@@ -61,3 +61,21 @@ def test_demo_runs_offline_and_writes_its_png(tmp_path):
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert len(report["images"]) == 4 and all(np.isfinite(r["psnr"]) for r in report["images"])
     assert (tmp_path / "demo" / "dit_sample.png").is_file()
+
+
+def test_default_anomaly_score_ranks_corruptions_with_shipped_weights():
+    """Issue 9: corrupted real photos (noise, blur, shuffled 32px patches) score above their originals for
+    >= 90% of pairs with the default score and sigma (pooled over the three corruptions)."""
+    import kl_autoencoder as ka
+    from kl_autoencoder.score import score_images
+    from test_score import _blur, _noise, _shuffle, _test_photos
+
+    vae = ka.load(default_model_path())
+    clean = _test_photos(128)
+    rng = np.random.default_rng(0)
+    base = score_images(vae, clean, progress=False).rows
+    wins = []
+    for corrupt in (_noise, _blur, _shuffle):
+        rows = score_images(vae, [corrupt(im, rng) for im in clean], progress=False).rows
+        wins += [c["score"] > b["score"] for b, c in zip(base, rows)]
+    assert len(wins) == 24 and np.mean(wins) >= 0.9, np.mean(wins)
