@@ -168,7 +168,8 @@ def make_fid(path: str | Path | None = None) -> tuple[FIDMetric | None, dict[str
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        return None, {"available": False, "reason": "rFID: pip install torch-fidelity", "file": str(p)}
+        return None, {"available": False, "file": str(p),
+                      "reason": f"rFID: pip install 'kl-autoencoder[fid]' (torch-fidelity), then put its {INCEPTION_FILE} in {p.parent}"}
     if not p.is_file():
         return None, unavailable("rFID", p, f"copy torch-fidelity's {INCEPTION_FILE} there (or pass --inception-weights FILE)")
     return FIDMetric(p), {"available": True, "file": str(p)}
