@@ -17,18 +17,9 @@ from PIL import Image
 
 from . import api
 from .images import load_image, pil_to_tensor, save_grid, tensor_to_uint8
+from .evaluate import prepare
 from .metrics import bicubic_baseline, psnr_uint8, ssim_uint8
 from .samples import sample_paths
-
-
-def _crop8(img: Image.Image, size: int | None) -> Image.Image:
-    if size:
-        s = min(img.size)
-        scale = size / s
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    return img.crop((0, 0, img.width - img.width % 8, img.height - img.height % 8))
 
 
 def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
@@ -47,7 +38,7 @@ def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
     print(f"model: {source} ({api.num_parameters(vae):,} parameters, scaling_factor {vae.config.scaling_factor})")
     rows, results = [], []
     for path in sample_paths():
-        img = _crop8(load_image(path), size)
+        img = prepare(load_image(path), size)  # the same crops as `eval --size`
         x = pil_to_tensor(img)[None]  # (1, 3, H, W) in [-1, 1]
         rec = tensor_to_uint8(api.reconstruct(vae, x))[0]  # (H, W, 3)
         a, base = np.asarray(img), np.asarray(bicubic_baseline(img, 8))

@@ -104,6 +104,7 @@ def train(cfg: Config, data: str | Path | list, output: str | Path, *, accelerat
     g_params = [p for p in vae.parameters() if p.requires_grad] + ([objective.logvar] if cfg.loss.learn_logvar else [])
     opt_g = torch.optim.Adam(g_params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     opt_d = torch.optim.Adam(objective.discriminator.parameters(), lr=t.disc_lr or t.lr, betas=t.betas)
+    disc_lr_ratio = (t.disc_lr / t.lr) if t.disc_lr and t.lr else 1.0  # the discriminator follows the same schedule
     ema = None
     if t.ema_decay:
         from diffusers.training_utils import EMAModel
@@ -153,7 +154,7 @@ def train(cfg: Config, data: str | Path | list, output: str | Path, *, accelerat
         for group in opt_g.param_groups:
             group["lr"] = lr
         for group in opt_d.param_groups:
-            group["lr"] = (t.disc_lr or t.lr) / t.lr * lr if t.lr else lr
+            group["lr"] = lr * disc_lr_ratio
 
         # ---- eval / checkpoint (before the step, so step 0 is evaluated and a resumed step is not re-saved)
         if step % t.eval_every == 0 and val is not None and acc.is_main_process:

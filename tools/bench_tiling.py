@@ -9,7 +9,7 @@ any cell running past --timeout is killed and reported.
     python tools/bench_tiling.py accuracy                         # 1024x1024 / 1000x744 errors
     python tools/bench_tiling.py sd --size 2048                   # one SD-preset tiled decode, timed
 
-Weights are the preset's init perturbed like tests/conftest.perturb (GroupNorm affine, attention
+Weights are the preset's init perturbed by tests/conftest.perturb (GroupNorm affine, attention
 non-trivial); nothing is downloaded. Run it niced: it uses all cores (`nice -n 10 python ...`).
 """
 
@@ -26,18 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kl_autoencoder as ka  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import perturb  # noqa: E402  (the tests' weight perturbation: same non-trivial model)
 from kl_autoencoder import tiling  # noqa: E402
 
 METHODS = ("untiled", "diffusers", "ours")
-
-
-def perturb(vae: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
-    """Same as tests/conftest.perturb: move weights away from init so norms and attention are non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1.0) + 0.01 * torch.randn(p.shape, generator=g))
-    return vae
 
 
 def photo(h: int, w: int) -> torch.Tensor:
