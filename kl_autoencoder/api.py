@@ -110,7 +110,7 @@ def _generator(generator: torch.Generator | int | None, device: torch.device) ->
     return generator
 
 
-TILING_MODES = ("auto", "always", "never")
+TILING_MODES = ("auto", "always", "never", "approx")
 
 
 @torch.no_grad()
@@ -125,7 +125,8 @@ def encode_moments(
     """Posterior mean and log-variance, both raw (unnormalised), (B, C, ceil(H/8), ceil(W/8)), float32.
 
     ``tiling``: "never" runs the plain encoder; "always" / "auto" (large images) run the exact tiled
-    encoder of ``tiling.py`` with ``tile_size`` image pixels per tile.
+    encoder of ``tiling.py`` with ``tile_size`` image pixels per tile; "approx" the approximate
+    low-memory one of ``tiling_approx.py`` (memory independent of the image size, not exact).
     """
     if tiling not in TILING_MODES:
         raise ValueError(f"tiling={tiling!r}: choose one of {', '.join(TILING_MODES)}")
@@ -133,6 +134,11 @@ def encode_moments(
     from .tiling import tiled_encode_moments, tiling_plan
 
     plan = tiling_plan(vae, tuple(x.shape), "encode", tiling)
+    if plan == "approx":
+        from .tiling_approx import approx_encode_moments
+
+        _warn_approx(tiling, x.shape)
+        return approx_encode_moments(vae, x, tile_size)
     if plan == "tiles":
         return tiled_encode_moments(vae, x, tile_size)
     enc = lambda t: vae.quant_conv(vae.encoder(t)) if vae.quant_conv is not None else vae.encoder(t)  # noqa: E731
@@ -202,7 +208,12 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
     from .tiling import tiled_decode, tiling_plan
 
     plan = tiling_plan(vae, tuple(z.shape), "decode", tiling)
-    if plan == "tiles":
+    if plan == "approx":
+        from .tiling_approx import approx_decode
+
+        _warn_approx(tiling, z.shape)
+        run = lambda m, t: approx_decode(m, t, tile_size)  # noqa: E731
+    elif plan == "tiles":
         run = lambda m, t: tiled_decode(m, t, tile_size)  # noqa: E731
     elif plan == "slices":
         run = lambda m, t: torch.cat([_decode_raw(m, s) for s in t.split(1)])  # noqa: E731
@@ -216,6 +227,14 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
         warnings.warn(f"{p.dtype} decode overflowed (non-finite output); decoding again in fp32", stacklevel=2)
         out = run(copy.deepcopy(vae).float(), z)
     return out.float()
+
+
+def _warn_approx(tiling: str, shape: torch.Size) -> None:
+    if tiling == "auto":  # asked for approx explicitly: no warning
+        import warnings
+
+        warnings.warn(f"{tuple(shape)}: even exact tiling would not fit in memory; using tiling='approx' "
+                      "(approximate GroupNorm statistics, see docs/benchmarks.md)", stacklevel=3)
 
 
 def _decode_raw(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:

@@ -121,9 +121,11 @@ def add_tiling_args(p: argparse.ArgumentParser) -> None:
     """--tiling/--tile-size, shared by reconstruct, encode and decode."""
     p.add_argument(
         "--tiling",
-        choices=["auto", "always", "never"],
+        choices=["auto", "always", "never", "approx"],
         default="auto",
-        help="exact tiled encode/decode for large images: auto (when the memory estimate asks for it), always, never",
+        help="tiled encode/decode for large images: auto (exact tiling when the memory estimate asks for it), "
+        "always (exact tiling), never, approx (approximate low-memory tiling: memory independent of the "
+        "image size; GroupNorm statistics from a preview, so not exact: see docs/benchmarks.md)",
     )
     p.add_argument("--tile-size", type=int, default=None, help="tile size in image pixels (multiple of 8; default: automatic)")
 

@@ -33,6 +33,9 @@ AUTO_MEMORY_FRACTION = 0.5  # `auto` tiles when an untiled pass would need more 
 # Untiled peak RSS growth / bytes of the largest activation, measured with tools/bench_tiling.py
 # (tiny-kl-f8 at 1024 px, diffusers 0.42, torch 2.14 CPU): 4.2 for encode, 7.7 for decode.
 UNTILED_PEAK_FACTOR = 8.0
+# Exact tiling's peak / bytes of the largest activation of one image (a few full-size maps of the widest
+# full-resolution layer): 3.7 for tiny-kl-f8, 4.2 for sd-kl-f8, decoding 2048 px (tools/bench_tiling.py).
+TILED_PEAK_FACTOR = 4.5
 ATTENTION_CHUNK = 4096  # queries per scaled_dot_product_attention call
 
 Box = tuple[int, int, int, int]  # rows [r0, r1), cols [c0, c1)
@@ -370,6 +373,24 @@ def available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _largest_activation_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) -> tuple[int, int]:
+    """(bytes of the largest activation of the batch, bytes of the weights)."""
+    chans = list(vae.config.block_out_channels)
+    f = 2 ** (len(chans) - 1)
+    b, hw = shape[0], shape[-2] * shape[-1] * (f * f if kind == "decode" else 1)
+    p = next(vae.parameters())
+    largest = max(c * hw // (4**i) for i, c in enumerate(chans))
+    weights = sum(q.numel() for q in vae.parameters()) * p.element_size()
+    return largest * b * p.element_size(), weights
+
+
+def estimate_tiled_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) -> int:
+    """Rough peak memory of exact tiling (one image at a time): ``TILED_PEAK_FACTOR`` full-size maps of the
+    widest full-resolution layer plus the weights. It grows with the image; ``tiling_approx`` does not."""
+    largest, weights = _largest_activation_bytes(vae, (1, *shape[1:]), kind)
+    return int(TILED_PEAK_FACTOR * largest) + weights
+
+
 def estimate_untiled_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) -> int:
     """Rough peak memory of an untiled pass over a batch ``shape`` (images for "encode", latents for "decode").
 
@@ -377,31 +398,28 @@ def estimate_untiled_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) ->
     bytes, over resolution levels), plus the weights: the untiled peak is a handful of full-size
     temporaries of the widest full-resolution layer (input, GroupNorm output, activation, conv output).
     """
-    chans = list(vae.config.block_out_channels)
-    f = 2 ** (len(chans) - 1)
-    b, hw = shape[0], shape[-2] * shape[-1] * (f * f if kind == "decode" else 1)
-    p = next(vae.parameters())
-    largest = max(c * hw // (4**i) for i, c in enumerate(chans))
-    weights = sum(q.numel() for q in vae.parameters()) * p.element_size()
-    return int(UNTILED_PEAK_FACTOR * largest * b * p.element_size()) + weights
+    largest, weights = _largest_activation_bytes(vae, shape, kind)
+    return int(UNTILED_PEAK_FACTOR * largest) + weights
 
 
 def tiling_plan(vae: nn.Module, shape: tuple[int, ...], kind: str, tiling: str = "auto", budget: int | None = None) -> str:
-    """How to run a pass: "whole" (one untiled batch), "slices" (untiled, an image at a time) or "tiles".
+    """How to run a pass: "whole" (one untiled batch), "slices" (untiled, an image at a time), "tiles"
+    (exact tiling) or "approx" (approximate low-memory tiling, ``tiling_approx.py``).
 
     ``auto``: whole if the untiled estimate fits in ``budget`` bytes (default: AUTO_MEMORY_FRACTION of the
-    available RAM), else slices if one image fits, else tiles.
+    available RAM), else slices if one image fits, else exact tiles if their estimate fits, else approx
+    (the caller warns: it is not exact).
     """
     if tiling == "never":
         return "whole"
-    if tiling == "always":
-        return "tiles"
+    if tiling in ("always", "approx"):
+        return "tiles" if tiling == "always" else "approx"
     if tiling != "auto":
-        raise ValueError(f"tiling={tiling!r}: choose one of auto, always, never")
+        raise ValueError(f"tiling={tiling!r}: choose one of auto, always, never, approx")
     budget = int(AUTO_MEMORY_FRACTION * available_memory()) if budget is None else budget
     need = estimate_untiled_bytes(vae, shape, kind)
     if need <= budget:
         return "whole"
     if shape[0] > 1 and estimate_untiled_bytes(vae, (1, *shape[1:]), kind) <= budget:
         return "slices"
-    return "tiles"
+    return "tiles" if estimate_tiled_bytes(vae, shape, kind) <= budget else "approx"

@@ -7,6 +7,7 @@ any cell running past --timeout is killed and reported.
 
     python tools/bench_tiling.py memory --sizes 512 1024          # tiny-kl-f8, encode + decode
     python tools/bench_tiling.py accuracy                         # 1024x1024 / 1000x744 errors
+    python tools/bench_tiling.py accuracy --model weights/kl-f8c4-bsds-cpu   # the same, trained weights
     python tools/bench_tiling.py sd --size 2048                   # one SD-preset tiled decode, timed
 
 Weights are the preset's init perturbed by tests/conftest.perturb (GroupNorm affine, attention
@@ -28,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kl_autoencoder as ka  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import perturb  # noqa: E402  (the tests' weight perturbation: same non-trivial model)
-from kl_autoencoder import tiling  # noqa: E402
+from kl_autoencoder import tiling, tiling_approx  # noqa: E402
 
-METHODS = ("untiled", "diffusers", "ours")
+METHODS = ("untiled", "diffusers", "ours", "approx")  # ours: exact tiling; approx: tiling_approx.py
 
 
 def photo(h: int, w: int) -> torch.Tensor:
@@ -65,6 +66,10 @@ def run(vae, method: str, op: str, x: torch.Tensor, tile: int) -> torch.Tensor:
             if op == "encode":
                 return vae.quant_conv(vae.encoder(x))[:, : vae.config.latent_channels]
             return vae.decoder(vae.post_quant_conv(x))
+        if method == "approx":
+            if op == "encode":
+                return tiling_approx.approx_encode_moments(vae, x, tile)[0]
+            return tiling_approx.approx_decode(vae, x, tile)
         if op == "encode":
             return tiling.tiled_encode_moments(vae, x, tile)[0]
         return tiling.tiled_decode(vae, x, tile)
@@ -114,19 +119,25 @@ def memory(args: argparse.Namespace) -> None:
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    """Max |tiled - untiled| for encode (posterior mean) and decode, ours vs diffusers enable_tiling()."""
-    vae = perturb(ka.create(args.preset))
-    print(f"{args.preset} (perturbed), tile {args.tile} px: max abs difference to the untiled pass")
+    """|tiled - untiled| for encode (posterior mean) and decode: exact, approx, diffusers enable_tiling()."""
+    if args.model:
+        vae, name = ka.load(args.model).float().eval(), args.model
+    else:
+        vae, name = perturb(ka.create(args.preset)), f"{args.preset} (perturbed)"
+    print(f"{name}, tile {args.tile} px: max abs difference to the untiled pass (mean abs; decode PSNR vs untiled)")
     for h, w, b in args.shapes:
         x = torch.cat([photo(h, w), photo(h, w).flip(-1)][:b])
         x, _ = ka.api._prepare(vae, x, "reflect")  # 1000x744 -> padded to multiples of 8
         ref_z = run(vae, "untiled", "encode", x, args.tile)
         ref_img = run(vae, "untiled", "decode", ref_z, args.tile)
         line = f"  {b}x{h}x{w}: "
-        for method in ("ours", "diffusers"):
-            ez = (run(vae, method, "encode", x, args.tile) - ref_z).abs().max().item()
-            ei = (run(vae, method, "decode", ref_z, args.tile) - ref_img).abs().max().item()
-            line += f"{method}: encode {ez:.2e} decode {ei:.2e}   "
+        for method in ("ours", "approx", "diffusers"):
+            ez = (run(vae, method, "encode", x, args.tile) - ref_z).abs()
+            img = run(vae, method, "decode", ref_z, args.tile)
+            ei = (img - ref_img).abs()
+            p = ka.api.psnr(img.clamp(-1, 1), ref_img.clamp(-1, 1))
+            line += (f"\n    {method:9}: encode {ez.max().item():.2e} ({ez.mean().item():.1e})  "
+                     f"decode {ei.max().item():.2e} ({ei.mean().item():.1e}, {p:.1f} dB)")
         print(line, flush=True)
 
 
@@ -157,6 +168,7 @@ def main() -> None:
     p.set_defaults(func=memory)
     p = sub.add_parser("accuracy", help="tiled vs untiled max abs error, ours and diffusers")
     p.add_argument("--preset", default="tiny-kl-f8")
+    p.add_argument("--model", default=None, help="a diffusers folder (e.g. weights/kl-f8c4-bsds-cpu) instead of the perturbed preset")
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
                    default=[(1024, 1024, 1), (1000, 744, 1), (512, 384, 2)], help="HxWxB, e.g. 1000x744x1")
