@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, fastconv
+from kl_autoencoder import api, fastconv, winograd
 from kl_autoencoder.config import ModelConfig
 
 from conftest import perturb
@@ -46,7 +46,7 @@ def test_single_conv_matches_conv2d():
 
 @pytest.mark.parametrize("m", [4, 6])
 def test_winograd_matrices_compute_1d_correlation(m):
-    at, g, bt = fastconv.winograd_matrices(m)  # (m, t), (t, 3), (t, t)
+    at, g, bt = winograd.winograd_matrices(m)  # (m, t), (t, 3), (t, t)
     gen = torch.Generator().manual_seed(m)
     d, w = torch.randn(m + 2, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
     ref = torch.tensor([sum(float(d[i + k] * w[k]) for k in range(3)) for i in range(m)], dtype=torch.float64)  # by hand
@@ -61,12 +61,12 @@ def test_winograd_conv_matches_conv2d(m, shape):
     conv = torch.nn.Conv2d(shape[1], 16 if shape[1] == 48 else 32, 3, padding=1, bias=shape[0] == 1)
     x = torch.randn(*shape, generator=gen)
     with torch.no_grad():
-        out = fastconv.winograd_conv2d(conv, x, m)
+        out = winograd.winograd_conv2d(conv, x, m)
         ref = F.conv2d(x, conv.weight, conv.bias, padding=1)  # independent: the functional eager conv
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        out_cl = fastconv.winograd_conv2d(conv, x.contiguous(memory_format=torch.channels_last), m)
+        out_cl = winograd.winograd_conv2d(conv, x.contiguous(memory_format=torch.channels_last), m)
     torch.testing.assert_close(out_cl, ref, atol=1e-4, rtol=1e-4)
 
 
