@@ -123,6 +123,19 @@ def _accumulate(fm: FMap, y: torch.Tensor) -> None:
         fm.count, fm.mean, fm.m2 = _merge(fm.count, fm.mean, fm.m2, n, m, m2)
 
 
+def group_norm_affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor, channels: int, dtype: torch.dtype):
+    """``norm`` with given statistics as a per-channel map ``x * scale + shift``: (scale, shift), (C,) each.
+
+    ``mean``/``var``: per-group mean and biased variance (G,), float64; the affine is folded in float64.
+    """
+    per = channels // norm.num_groups
+    rstd = (var + norm.eps).rsqrt().repeat_interleave(per)  # (C,)
+    mean = mean.repeat_interleave(per)
+    weight = norm.weight.double() if norm.affine else torch.ones_like(rstd)
+    bias = norm.bias.double() if norm.affine else torch.zeros_like(rstd)
+    return (weight * rstd).to(dtype), (bias - mean * weight * rstd).to(dtype)
+
+
 def _norm_act(fm: FMap, norm: nn.GroupNorm | None, act: nn.Module | None) -> Callable | None:
     """Pointwise ``act(GroupNorm(x))`` with the whole map's statistics (float64 sums -> group mean/var)."""
     if norm is None:
@@ -136,12 +149,8 @@ def _norm_act(fm: FMap, norm: nn.GroupNorm | None, act: nn.Module | None) -> Cal
     mean = cm.mean(1)  # (G,), channels have equal counts
     m2 = cm2.sum(1) + fm.count * ((cm - mean[:, None]) ** 2).sum(1)
     var = m2 / (fm.count * (c // g))  # biased, as GroupNorm
-    rstd = (var + norm.eps).rsqrt().repeat_interleave(c // g)  # (C,)
-    mean = mean.repeat_interleave(c // g)
-    weight = norm.weight.double() if norm.affine else torch.ones_like(rstd)
-    bias = norm.bias.double() if norm.affine else torch.zeros_like(rstd)
-    scale = (weight * rstd).to(fm.x.dtype).view(1, c, 1, 1)
-    shift = (bias - mean * weight * rstd).to(fm.x.dtype).view(1, c, 1, 1)
+    scale, shift = group_norm_affine(norm, mean, var, c, fm.x.dtype)
+    scale, shift = scale.view(1, c, 1, 1), shift.view(1, c, 1, 1)
     if act is None:
         return lambda t: torch.addcmul(shift, t, scale)
     if isinstance(act, nn.SiLU):
@@ -410,12 +419,11 @@ def tiling_plan(vae: nn.Module, shape: tuple[int, ...], kind: str, tiling: str =
     available RAM), else slices if one image fits, else exact tiles if their estimate fits, else approx
     (the caller warns: it is not exact).
     """
-    if tiling == "never":
-        return "whole"
-    if tiling in ("always", "approx"):
-        return "tiles" if tiling == "always" else "approx"
+    explicit = {"never": "whole", "always": "tiles", "approx": "approx"}
+    if tiling in explicit:
+        return explicit[tiling]
     if tiling != "auto":
-        raise ValueError(f"tiling={tiling!r}: choose one of auto, always, never, approx")
+        raise ValueError(f"tiling={tiling!r}: choose one of auto, {', '.join(explicit)}")
     budget = int(AUTO_MEMORY_FRACTION * available_memory()) if budget is None else budget
     need = estimate_untiled_bytes(vae, shape, kind)
     if need <= budget:
