@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder import tiling_approx
 from kl_autoencoder.tiling_approx import approx_decode, approx_encode_moments, mosaic
 
 from conftest import sample_photos
@@ -100,4 +99,3 @@ def test_api_accepts_approx(micro_vae):
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="multiples of 8"):
         approx_decode(micro_vae, z, 32, halo=12)
-    assert tiling_approx.DEFAULT_PREVIEW >= 8 * tiling_approx.PREVIEW_CROPS
