@@ -5,10 +5,13 @@
 
 Inference: ``AutoencoderKL.encode(x).latent_dist.mean`` / ``.decode(z).sample`` under ``torch.no_grad``
 (plain diffusers eager) against our path (``fastconv.optimize`` + ``api.encode_moments`` / ``api.decode``
-under ``torch.inference_mode``) on the same weights and input. Baseline and ours alternate within each
-repeat, so load from other processes on a shared CPU hits both alike; the speedup is the ratio of
-the best times, after one untimed warm-up call each (its time is printed: ours packs its Winograd
-weights there, once per layer). Peak memory: the largest rise of this process's RSS during a call, sampled every 2 ms.
+under ``torch.inference_mode``) on the same weights and input; a third role, plain diffusers inside
+``malloc.reuse_freed_memory()``, shows what the allocator change alone gives. Each role runs in its own
+process (malloc's state is per process: a heap our calls grew would speed up a baseline in the same
+process); the parent alternates calls between them within each repeat, so load from other processes
+on a shared CPU hits all alike. The speedup is the ratio of the best times, after one untimed warm-up
+call each (its time is printed: ours packs its Winograd weights there, once per layer). Peak memory:
+the largest rise of the role's process RSS during a call, sampled every 2 ms.
 
 Training: steps/s of ``kl_autoencoder.train.train`` against a minimal loop (same tiny model, L1 + KL,
 Adam, same batch size and crop) on one in-memory batch; ``train_overhead = plain / trainer - 1``.
@@ -19,7 +22,6 @@ The last line is machine-readable:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import platform
@@ -61,45 +63,70 @@ def timed(fn) -> tuple[float, float, object]:
     return sec, max(peak[0], _rss() - base) / 2**20, out
 
 
+ROLES = {
+    "plain": "diffusers eager, glibc malloc defaults (what a diffusers user gets)",
+    "plain_reuse": "diffusers eager inside malloc.reuse_freed_memory() (the allocator change alone)",
+    "ours": "fastconv.optimize + api.encode_moments / api.decode (everything)",
+}
+
+
+def _worker(conn, role: str, x: torch.Tensor, z: torch.Tensor) -> None:
+    """One process per role, so no role inherits another's heap (malloc state is per process)."""
+    import contextlib
+
+    from kl_autoencoder import malloc
+
+    vae = ka.create("sd-kl-f8", seed=0)  # random but fixed weights: speed does not depend on training
+    if role == "ours":
+        vae = fastconv.optimize(vae)
+        latents = api.normalize_latents(vae, z)
+        fns = {"enc": lambda: api.encode_moments(vae, x)[0], "dec": lambda: api.decode(vae, latents)}
+        scope = torch.inference_mode
+    else:
+        fns = {"enc": lambda: vae.encode(x).latent_dist.mean, "dec": lambda: vae.decode(z).sample}
+        scope = malloc.reuse_freed_memory if role == "plain_reuse" else contextlib.nullcontext
+    while (op := conn.recv()) is not None:
+        with torch.no_grad(), scope():
+            conn.send(timed(fns[op]))
+
+
 def bench_inference(size: int, repeats: int) -> dict[str, float]:
-    plain = ka.create("sd-kl-f8")  # random but fixed weights: speed does not depend on training
-    ours = fastconv.optimize(copy.deepcopy(plain))
+    """Each role runs in its own process; the parent alternates calls between them, so load from other
+    processes on a shared CPU hits all alike, and only one of them computes at a time."""
+    import multiprocessing as mp
+
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, size, size, generator=g) * 2 - 1  # (1, 3, S, S) in [-1, 1]
     with torch.no_grad():
-        z = plain.encode(x).latent_dist.mean  # (1, 4, S/8, S/8) raw
-    latents = api.normalize_latents(plain, z)
-    res: dict[str, list] = {}
+        z = ka.create("sd-kl-f8", seed=0).encode(x).latent_dist.mean  # (1, 4, S/8, S/8) raw
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for role in ROLES:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, role, x, z), daemon=True)
+        proc.start()
+        workers[role] = (parent, proc)
 
-    def plain_enc():
-        with torch.no_grad():
-            return plain.encode(x).latent_dist.mean
+    def call(role: str, op: str) -> tuple[float, float, torch.Tensor]:
+        workers[role][0].send(op)
+        return workers[role][0].recv()
 
-    def plain_dec():
-        with torch.no_grad():
-            return plain.decode(z).sample
-
-    def ours_enc():
-        with torch.inference_mode():
-            return api.encode_moments(ours, x)[0]
-
-    def ours_dec():
-        with torch.inference_mode():
-            return api.decode(ours, latents)
-
+    calls = [(role, op) for op in ("enc", "dec") for role in ROLES]
     # One untimed warm-up call each: oneDNN builds its primitives on a first call, and ours also
     # transforms and packs the Winograd weights once per layer (and per band shape); reported apart.
-    first = {}
-    for name, fn in (("plain_enc", plain_enc), ("ours_enc", ours_enc), ("plain_dec", plain_dec), ("ours_dec", ours_dec)):
-        first[name] = timed(fn)[0]
+    first = {f"{role}_{op}": call(role, op)[0] for role, op in calls}
     print(f"  {size}px first (warm-up) calls: " + ", ".join(f"{k} {v:.2f} s" for k, v in first.items()), flush=True)
+    res: dict[str, list] = {}
     outs = {}
     for r in range(repeats):
-        for name, fn in (("plain_enc", plain_enc), ("ours_enc", ours_enc), ("plain_dec", plain_dec), ("ours_dec", ours_dec)):
-            sec, mib, out = timed(fn)
-            res.setdefault(name, []).append((sec, mib))
-            outs[name] = out
-            print(f"  {size}px repeat {r + 1}/{repeats} {name}: {sec:.2f} s, +{mib:.0f} MiB", flush=True)
+        for role, op in calls:
+            sec, mib, out = call(role, op)
+            res.setdefault(f"{role}_{op}", []).append((sec, mib))
+            outs[f"{role}_{op}"] = out
+            print(f"  {size}px repeat {r + 1}/{repeats} {role}_{op}: {sec:.2f} s, +{mib:.0f} MiB", flush=True)
+    for conn, proc in workers.values():
+        conn.send(None)
+        proc.join()
     best = {k: min(s for s, _ in v) for k, v in res.items()}
     mem = {k: max(m for _, m in v) for k, v in res.items()}
     return {
@@ -109,6 +136,8 @@ def bench_inference(size: int, repeats: int) -> dict[str, float]:
         **{f"{k}_first_s": v for k, v in first.items()},
         "encode_speedup": best["plain_enc"] / best["ours_enc"],
         "decode_speedup": best["plain_dec"] / best["ours_dec"],
+        "encode_speedup_reuse_only": best["plain_enc"] / best["plain_reuse_enc"],
+        "decode_speedup_reuse_only": best["plain_dec"] / best["plain_reuse_dec"],
         "encode_max_err": float((outs["plain_enc"] - outs["ours_enc"]).abs().max()),
         "decode_max_err": float((outs["plain_dec"] - outs["ours_dec"]).abs().max()),
     }
@@ -213,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
               f"decode {r['plain_dec_img_s']:.3f} -> {r['ours_dec_img_s']:.3f} img/s (x{r['decode_speedup']:.2f}); "
               f"peak +MiB enc {r['plain_enc_peak_mib']:.0f}/{r['ours_enc_peak_mib']:.0f}, dec {r['plain_dec_peak_mib']:.0f}/"
               f"{r['ours_dec_peak_mib']:.0f}; max |err| enc {r['encode_max_err']:.2e} dec {r['decode_max_err']:.2e}", flush=True)
+        print(f"  breakdown {s}px: the allocator change alone makes plain diffusers x{r['encode_speedup_reuse_only']:.2f} (enc) "
+              f"x{r['decode_speedup_reuse_only']:.2f} (dec); ours over that: "
+              f"x{r['ours_enc_img_s'] / r['plain_reuse_enc_img_s']:.2f} (enc) "
+              f"x{r['ours_dec_img_s'] / r['plain_reuse_dec_img_s']:.2f} (dec); peak +MiB plain_reuse enc "
+              f"{r['plain_reuse_enc_peak_mib']:.0f} dec {r['plain_reuse_dec_peak_mib']:.0f}", flush=True)
     overhead, note = (math.nan, "skipped (--no-train)") if args.no_train else run_training(steps)
     print(f"training: {note}")
     last = rows[-1]  # the largest size is the headline

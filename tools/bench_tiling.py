@@ -10,6 +10,10 @@ any cell running past --timeout is killed and reported.
     python tools/bench_tiling.py accuracy --model weights/kl-f8c4-bsds-cpu   # the same, trained weights
     python tools/bench_tiling.py sd --size 2048                   # one SD-preset tiled decode, timed
 
+The allocator reuse of kl_autoencoder/malloc.py is off here (KL_AUTOENCODER_MALLOC=0 unless set): it
+raises the untiled peak (tools/bench.py measures it) and never runs in the tiled modes, so the table
+compares the methods themselves.
+
 Weights are the preset's init perturbed by tests/conftest.perturb (GroupNorm affine, attention
 non-trivial); nothing is downloaded. Run it niced: it uses all cores (`nice -n 10 python ...`).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+os.environ.setdefault("KL_AUTOENCODER_MALLOC", "0")  # inherited by the cell subprocesses (see above)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kl_autoencoder as ka  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -1,0 +1,114 @@
+"""malloc.reuse_freed_memory: freed large blocks are reused (no fresh page faults) inside the block only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kl_autoencoder as ka
+from kl_autoencoder import api, malloc
+
+glibc_only = pytest.mark.skipif(not malloc.supported(), reason="tunes glibc malloc only (Linux)")
+
+# Runs in a fresh process: the heap layout left by earlier tests would decide where a block lands.
+SCRIPT = """
+import json, resource, torch
+from kl_autoencoder import malloc
+MIB = 2**20
+
+def faults(nbytes):
+    # fewest minor page faults of one allocate-write-free of nbytes, over cycles 3-6: the steady state
+    # (the first cycles may land on fresh heap pages, or two blocks may alternate)
+    counts = []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = torch.empty(nbytes // 4); a.fill_(1.0); del a
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(counts[2:])
+
+r = {"before": faults(64 * MIB)}
+with malloc.reuse_freed_memory():
+    r["inside"] = faults(64 * MIB)
+    with malloc.reuse_freed_memory():
+        pass
+    r["after_inner_exit"] = faults(64 * MIB)
+    r["active_after_inner_exit"] = malloc.active()
+r["active_after"] = malloc.active()
+r["after_big"] = faults(256 * MIB)  # larger than any block the heap kept: mmapped and unmapped again
+print(json.dumps(r))
+"""
+PAGES_64 = 64 * 2**20 // 4096
+
+
+def run_script(**env: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_freed_memory_is_reused_inside_the_block_only():
+    r = run_script()
+    # glibc mmaps blocks above 32 MiB and unmaps them on free: every page faults again ...
+    assert r["before"] > PAGES_64 // 2
+    # ... inside the block the freed heap memory is handed out again, already mapped
+    assert r["inside"] < PAGES_64 // 20
+    assert r["active_after_inner_exit"] and r["after_inner_exit"] < PAGES_64 // 20  # nesting keeps it on
+    assert not r["active_after"]
+    assert r["after_big"] > 4 * PAGES_64 // 2  # the defaults are back: mmapped again
+
+
+@glibc_only
+def test_environment_switch_turns_it_off():
+    r = run_script(**{malloc.ENV_VAR: "0"})
+    assert r["inside"] > PAGES_64 // 2
+
+
+def test_enabled_false_is_a_no_op():
+    with malloc.reuse_freed_memory(enabled=False):
+        assert not malloc.active()
+
+
+def test_exception_inside_restores():
+    with pytest.raises(RuntimeError):
+        with malloc.reuse_freed_memory():
+            raise RuntimeError("boom")
+    assert not malloc.active()
+
+
+@glibc_only
+def test_api_runs_untiled_cpu_calls_inside_the_block_and_tiled_ones_outside():
+    vae = ka.create("tiny-kl-f8")
+    seen = []
+    for name, conv in (("enc", vae.encoder.conv_in), ("dec", vae.decoder.conv_in)):  # the tiled path calls these too
+        conv.register_forward_hook(lambda *a, name=name: seen.append((name, malloc.active())))
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    latents = api.encode(vae, x, tiling="never")
+    api.decode(vae, latents, tiling="never")
+    assert seen == [("enc", True), ("dec", True)]
+    assert not malloc.active()
+
+    seen.clear()
+    latents = api.encode(vae, x, tiling="always", tile_size=32)
+    api.decode(vae, latents, tiling="always", tile_size=32)
+    assert {s[0] for s in seen} == {"enc", "dec"} and not any(s[1] for s in seen)
+
+
+def test_reuse_needs_memory_to_spare(monkeypatch):
+    import kl_autoencoder.tiling as tiling
+
+    vae = ka.create("tiny-kl-f8")
+    shape = (1, 3, 256, 256)
+    need = tiling.estimate_untiled_bytes(vae, shape, "encode")
+    plenty = int(2 * api.REUSE_MEMORY_FACTOR * need / tiling.AUTO_MEMORY_FRACTION)
+    monkeypatch.setattr(tiling, "available_memory", lambda: plenty)
+    assert api._reuse_memory(vae, shape, "encode", "whole")
+    assert not api._reuse_memory(vae, shape, "encode", "tiles")
+    assert not api._reuse_memory(vae, shape, "encode", "approx")
+    monkeypatch.setattr(tiling, "available_memory", lambda: int(need / tiling.AUTO_MEMORY_FRACTION))  # fits once, not twice
+    assert not api._reuse_memory(vae, shape, "encode", "whole")
