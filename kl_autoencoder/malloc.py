@@ -1,4 +1,4 @@
-"""Reuse freed memory instead of handing it back to the OS (glibc malloc), during CPU inference and jobs.
+"""Reuse freed memory instead of handing it back to the OS (glibc malloc) during CPU inference calls.
 
 Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 unmaps it again on ``free``. A VAE's full-resolution activations are far larger (128 channels x 512 x 512
