@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from .config import Config, ModelConfig, load_config
 from .images import as_image_batch
 from .malloc import reuse_freed_memory
+from .memory_plan import reuse_fits, tiling_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -132,10 +133,10 @@ def encode_moments(
     if tiling not in TILING_MODES:
         raise ValueError(f"tiling={tiling!r}: choose one of {', '.join(TILING_MODES)}")
     x, _ = _prepare(vae, images, pad)
-    from .tiling import tiled_encode_moments, tiling_plan
+    from .tiling import tiled_encode_moments
 
     plan = tiling_plan(vae, tuple(x.shape), "encode", tiling)
-    with reuse_freed_memory(enabled=_reuse_memory(vae, tuple(x.shape), "encode", plan)):
+    with reuse_freed_memory(enabled=reuse_fits(vae, tuple(x.shape), "encode", plan)):
         if plan == "approx":
             from .tiling_approx import approx_encode_moments
 
@@ -207,7 +208,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
     latents = check_latents(vae, latents)
     p = _param(vae)
     z = denormalize_latents(vae, latents.to(device=p.device, dtype=torch.float32))  # (B, C, h, w) raw
-    from .tiling import tiled_decode, tiling_plan
+    from .tiling import tiled_decode
 
     plan = tiling_plan(vae, tuple(z.shape), "decode", tiling)
     if plan == "approx":
@@ -221,7 +222,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
         run = lambda m, t: torch.cat([_decode_raw(m, s) for s in t.split(1)])  # noqa: E731
     else:
         run = _decode_raw
-    with reuse_freed_memory(enabled=_reuse_memory(vae, tuple(z.shape), "decode", plan)):
+    with reuse_freed_memory(enabled=reuse_fits(vae, tuple(z.shape), "decode", plan)):
         out = run(vae, z.to(p.dtype))
         if p.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
             import copy
@@ -230,23 +231,6 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
             warnings.warn(f"{p.dtype} decode overflowed (non-finite output); decoding again in fp32", stacklevel=2)
             out = run(copy.deepcopy(vae).float(), z)
     return out.float()
-
-
-# malloc.py's reuse keeps freed blocks in the heap instead of page-faulting fresh ones at every call
-# (SD 512 px, tools/bench.py run E: plain diffusers alone 1.27x encode, 1.32x decode), but the heap
-# fragments and the peak rises: SD 512 px, MiB above the loaded model, default -> reuse: plain encode
-# 640 -> 1954, decode 929 -> 2065; ours 1178 / 1499; tiling.estimate_untiled_bytes says 1343. So only
-# where twice the estimate fits, and never in the tiled modes, which exist to bound memory.
-REUSE_MEMORY_FACTOR = 2.0
-
-
-def _reuse_memory(vae: AutoencoderKL, shape: tuple[int, ...], kind: str, plan: str) -> bool:
-    from .tiling import AUTO_MEMORY_FRACTION, available_memory, estimate_untiled_bytes
-
-    if plan not in ("whole", "slices") or _param(vae).device.type != "cpu":
-        return False
-    one = shape if plan == "whole" else (1, *shape[1:])
-    return REUSE_MEMORY_FACTOR * estimate_untiled_bytes(vae, one, kind) <= AUTO_MEMORY_FRACTION * available_memory()
 
 
 def _warn_approx(tiling: str, shape: torch.Size) -> None:

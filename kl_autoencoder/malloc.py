@@ -14,7 +14,7 @@ returns the freed memory to the OS. This is what PyTorch's own CPU launcher
 (``python -m torch.backends.xeon.run_cpu``) gets by preloading jemalloc/tcmalloc, without a preload.
 
 Where: ``api.encode_moments`` / ``api.decode``, one block per call, for models on CPU running untiled
-when memory is plentiful (the reuse raises the peak: see ``api.REUSE_MEMORY_FACTOR``). Off with
+when memory is plentiful (the reuse raises the peak: see ``memory_plan.REUSE_MEMORY_FACTOR``). Off with
 ``KL_AUTOENCODER_MALLOC=0``. Elsewhere than glibc (macOS, Windows, musl) it does nothing.
 
 Side effects, process-wide because malloc's settings are: while any thread is inside a block, every

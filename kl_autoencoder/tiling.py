@@ -16,11 +16,11 @@ network is run layer by layer instead (diffusers ``Encoder``/``Decoder`` of ``au
 The feature map between two GroupNorms is kept whole (one image at a time), so peak memory is a few
 full-size maps of the widest full-resolution layer plus one tile's temporaries, instead of the many
 full-size temporaries (norm, activation, conv outputs, conv workspaces) of the untiled pass.
+Which mode a call runs (``auto``) is decided in ``memory_plan.py``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,13 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TILE = 512  # image pixels; a tile of the widest SD layer (256 ch) then needs ~1 GiB of temporaries
-AUTO_MEMORY_FRACTION = 0.5  # `auto` tiles when an untiled pass would need more than this share of free RAM
-# Untiled peak RSS growth / bytes of the largest activation, measured with tools/bench_tiling.py
-# (tiny-kl-f8 at 1024 px, diffusers 0.42, torch 2.14 CPU): 4.2 for encode, 7.7 for decode.
-UNTILED_PEAK_FACTOR = 8.0
-# Exact tiling's peak / bytes of the largest activation of one image (a few full-size maps of the widest
-# full-resolution layer): 3.7 for tiny-kl-f8, 4.2 for sd-kl-f8, decoding 2048 px (tools/bench_tiling.py).
-TILED_PEAK_FACTOR = 4.5
 ATTENTION_CHUNK = 4096  # queries per scaled_dot_product_attention call
 
 Box = tuple[int, int, int, int]  # rows [r0, r1), cols [c0, c1)
@@ -367,67 +360,3 @@ def tiled_decode(vae: nn.Module, z: torch.Tensor, tile_size: int | None = None) 
         _conv_layer(fm, dec.conv_out, tile, pre=pre, out=out[i : i + 1], stats=False)
         bar.close()
     return out
-
-
-# ----------------------------------------------------------------------------- auto
-
-
-def available_memory() -> int:
-    """Bytes of RAM free for new allocations (psutil if installed, else sysconf)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _largest_activation_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) -> tuple[int, int]:
-    """(bytes of the largest activation of the batch, bytes of the weights)."""
-    chans = list(vae.config.block_out_channels)
-    f = 2 ** (len(chans) - 1)
-    b, hw = shape[0], shape[-2] * shape[-1] * (f * f if kind == "decode" else 1)
-    p = next(vae.parameters())
-    largest = max(c * hw // (4**i) for i, c in enumerate(chans))
-    weights = sum(q.numel() for q in vae.parameters()) * p.element_size()
-    return largest * b * p.element_size(), weights
-
-
-def estimate_tiled_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) -> int:
-    """Rough peak memory of exact tiling (one image at a time): ``TILED_PEAK_FACTOR`` full-size maps of the
-    widest full-resolution layer plus the weights. It grows with the image; ``tiling_approx`` does not."""
-    largest, weights = _largest_activation_bytes(vae, (1, *shape[1:]), kind)
-    return int(TILED_PEAK_FACTOR * largest) + weights
-
-
-def estimate_untiled_bytes(vae: nn.Module, shape: tuple[int, ...], kind: str) -> int:
-    """Rough peak memory of an untiled pass over a batch ``shape`` (images for "encode", latents for "decode").
-
-    The estimate is ``UNTILED_PEAK_FACTOR`` times the largest activation (channels x pixels x batch x
-    bytes, over resolution levels), plus the weights: the untiled peak is a handful of full-size
-    temporaries of the widest full-resolution layer (input, GroupNorm output, activation, conv output).
-    """
-    largest, weights = _largest_activation_bytes(vae, shape, kind)
-    return int(UNTILED_PEAK_FACTOR * largest) + weights
-
-
-def tiling_plan(vae: nn.Module, shape: tuple[int, ...], kind: str, tiling: str = "auto", budget: int | None = None) -> str:
-    """How to run a pass: "whole" (one untiled batch), "slices" (untiled, an image at a time), "tiles"
-    (exact tiling) or "approx" (approximate low-memory tiling, ``tiling_approx.py``).
-
-    ``auto``: whole if the untiled estimate fits in ``budget`` bytes (default: AUTO_MEMORY_FRACTION of the
-    available RAM), else slices if one image fits, else exact tiles if their estimate fits, else approx
-    (the caller warns: it is not exact).
-    """
-    explicit = {"never": "whole", "always": "tiles", "approx": "approx"}
-    if tiling in explicit:
-        return explicit[tiling]
-    if tiling != "auto":
-        raise ValueError(f"tiling={tiling!r}: choose one of auto, {', '.join(explicit)}")
-    budget = int(AUTO_MEMORY_FRACTION * available_memory()) if budget is None else budget
-    need = estimate_untiled_bytes(vae, shape, kind)
-    if need <= budget:
-        return "whole"
-    if shape[0] > 1 and estimate_untiled_bytes(vae, (1, *shape[1:]), kind) <= budget:
-        return "slices"
-    return "tiles" if estimate_tiled_bytes(vae, shape, kind) <= budget else "approx"

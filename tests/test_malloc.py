@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, malloc
+from kl_autoencoder import api, malloc, memory_plan
 
 glibc_only = pytest.mark.skipif(not malloc.supported(), reason="tunes glibc malloc only (Linux)")
 
@@ -100,15 +100,16 @@ def test_api_runs_untiled_cpu_calls_inside_the_block_and_tiled_ones_outside():
 
 
 def test_reuse_needs_memory_to_spare(monkeypatch):
-    import kl_autoencoder.tiling as tiling
-
     vae = ka.create("tiny-kl-f8")
     shape = (1, 3, 256, 256)
-    need = tiling.estimate_untiled_bytes(vae, shape, "encode")
-    plenty = int(2 * api.REUSE_MEMORY_FACTOR * need / tiling.AUTO_MEMORY_FRACTION)
-    monkeypatch.setattr(tiling, "available_memory", lambda: plenty)
-    assert api._reuse_memory(vae, shape, "encode", "whole")
-    assert not api._reuse_memory(vae, shape, "encode", "tiles")
-    assert not api._reuse_memory(vae, shape, "encode", "approx")
-    monkeypatch.setattr(tiling, "available_memory", lambda: int(need / tiling.AUTO_MEMORY_FRACTION))  # fits once, not twice
-    assert not api._reuse_memory(vae, shape, "encode", "whole")
+    need = memory_plan.estimate_untiled_bytes(vae, shape, "encode")
+    plenty = int(2 * memory_plan.REUSE_MEMORY_FACTOR * need / memory_plan.AUTO_MEMORY_FRACTION)
+    monkeypatch.setattr(memory_plan, "available_memory", lambda: plenty)
+    assert memory_plan.reuse_fits(vae, shape, "encode", "whole")
+    assert not memory_plan.reuse_fits(vae, shape, "encode", "tiles")
+    assert not memory_plan.reuse_fits(vae, shape, "encode", "approx")
+    # a batch run image by image needs room for one image only
+    assert memory_plan.reuse_fits(vae, (64, 3, 256, 256), "encode", "slices")
+    assert not memory_plan.reuse_fits(vae, (64, 3, 256, 256), "encode", "whole")
+    monkeypatch.setattr(memory_plan, "available_memory", lambda: int(need / memory_plan.AUTO_MEMORY_FRACTION))  # fits once, not twice
+    assert not memory_plan.reuse_fits(vae, shape, "encode", "whole")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder import tiling
-from kl_autoencoder.tiling import tiled_decode, tiled_encode_moments, tiling_plan
+from kl_autoencoder import memory_plan, tiling
+from kl_autoencoder.memory_plan import tiling_plan
+from kl_autoencoder.tiling import tiled_decode, tiled_encode_moments
 
 from conftest import perturb
 
@@ -109,14 +110,14 @@ def test_auto_tiles_when_memory_is_short(micro_vae, monkeypatch):
     monkeypatch.setattr(tiling, "tiled_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     ka.decode(micro_vae, z, tiling="auto")  # plenty of memory: untiled
     assert calls == []
-    tiled = tiling.estimate_tiled_bytes(micro_vae, tuple(z.shape), "decode")
-    monkeypatch.setattr(tiling, "available_memory", lambda: int(tiled / tiling.AUTO_MEMORY_FRACTION))
+    tiled = memory_plan.estimate_tiled_bytes(micro_vae, tuple(z.shape), "decode")
+    monkeypatch.setattr(memory_plan, "available_memory", lambda: int(tiled / memory_plan.AUTO_MEMORY_FRACTION))
     out = ka.decode(micro_vae, z, tiling="auto", tile_size=32)
     assert calls == [1]
     ref = ka.decode(micro_vae, z, tiling="never")
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
     # not even exact tiling fits: approximate tiling, with a warning (exact here: a 64 px image is its own preview)
-    monkeypatch.setattr(tiling, "available_memory", lambda: 1000)
+    monkeypatch.setattr(memory_plan, "available_memory", lambda: 1000)
     with pytest.warns(UserWarning, match="tiling='approx'"):
         out = ka.decode(micro_vae, z, tiling="auto", tile_size=32)
     assert calls == [1]
@@ -124,23 +125,23 @@ def test_auto_tiles_when_memory_is_short(micro_vae, monkeypatch):
 
 
 def test_plan_slices_batches_before_tiling(micro_vae):
-    one = tiling.estimate_untiled_bytes(micro_vae, (1, 3, 512, 512), "encode")
-    four = tiling.estimate_untiled_bytes(micro_vae, (4, 3, 512, 512), "encode")
+    one = memory_plan.estimate_untiled_bytes(micro_vae, (1, 3, 512, 512), "encode")
+    four = memory_plan.estimate_untiled_bytes(micro_vae, (4, 3, 512, 512), "encode")
     assert four > 3 * one > 0
     shape = (4, 3, 512, 512)
     assert tiling_plan(micro_vae, shape, "encode", "auto", budget=four) == "whole"
     assert tiling_plan(micro_vae, shape, "encode", "auto", budget=one) == "slices"
     assert tiling_plan(micro_vae, shape, "encode", "auto", budget=one - 1) == "tiles"
-    tiled = tiling.estimate_tiled_bytes(micro_vae, shape, "encode")
+    tiled = memory_plan.estimate_tiled_bytes(micro_vae, shape, "encode")
     assert tiled < one  # exact tiling needs less than an untiled pass, but grows with the image
-    assert tiled < tiling.estimate_tiled_bytes(micro_vae, (1, 3, 1024, 1024), "encode")
+    assert tiled < memory_plan.estimate_tiled_bytes(micro_vae, (1, 3, 1024, 1024), "encode")
     assert tiling_plan(micro_vae, shape, "encode", "auto", budget=tiled) == "tiles"
     assert tiling_plan(micro_vae, shape, "encode", "auto", budget=tiled - 1) == "approx"
     assert tiling_plan(micro_vae, shape, "encode", "approx", budget=10**15) == "approx"
     assert tiling_plan(micro_vae, shape, "encode", "never", budget=1) == "whole"
     assert tiling_plan(micro_vae, (1, 4, 8, 8), "decode", "always") == "tiles"
     # a decode of 64x64 latents is an encode of 512x512 images: the same estimate
-    assert tiling.estimate_untiled_bytes(micro_vae, (1, 4, 64, 64), "decode") == one
+    assert memory_plan.estimate_untiled_bytes(micro_vae, (1, 4, 64, 64), "decode") == one
 
 
 def test_bad_arguments(micro_vae):

@@ -2,7 +2,7 @@
 
 Memory: every cell (method x operation x size) runs in a fresh subprocess that reports its own peak
 resident memory (VmHWM from /proc/self/status, i.e. ru_maxrss) so cells cannot contaminate each
-other. Untiled cells whose estimate (tiling.estimate_untiled_bytes) exceeds --max-gb are skipped;
+other. Untiled cells whose estimate (memory_plan.estimate_untiled_bytes) exceeds --max-gb are skipped;
 any cell running past --timeout is killed and reported.
 
     python tools/bench_tiling.py memory --sizes 512 1024          # tiny-kl-f8, encode + decode
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kl_autoencoder as ka  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import perturb  # noqa: E402  (the tests' weight perturbation: same non-trivial model)
-from kl_autoencoder import tiling, tiling_approx  # noqa: E402
+from kl_autoencoder import memory_plan, tiling, tiling_approx  # noqa: E402
 
 METHODS = ("untiled", "diffusers", "ours", "approx")  # ours: exact tiling; approx: tiling_approx.py
 
@@ -102,7 +102,7 @@ def memory(args: argparse.Namespace) -> None:
         for size in args.sizes:
             for method in args.methods:
                 shape = (1, 3, size, size) if op == "encode" else (1, 4, size // 8, size // 8)
-                est = tiling.estimate_untiled_bytes(vae, shape, op) / 2**30
+                est = memory_plan.estimate_untiled_bytes(vae, shape, op) / 2**30
                 if method == "untiled" and est > args.max_gb:
                     print(f"{op:7} {size:5} {method:10} skipped: untiled estimate {est:.1f} GiB > --max-gb {args.max_gb}")
                     continue
