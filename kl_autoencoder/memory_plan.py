@@ -84,7 +84,7 @@ def tiling_plan(vae: nn.Module, shape: tuple[int, ...], kind: str, tiling: str =
 # malloc.py's reuse keeps freed blocks in the heap instead of page-faulting fresh ones at every call
 # (SD 512 px, tools/bench.py run E: plain diffusers alone 1.27x encode, 1.32x decode), but the heap
 # fragments and the peak rises: SD 512 px, MiB above the loaded model, default -> reuse: plain encode
-# 640 -> 1954, decode 929 -> 2065; ours 1178 / 1499; estimate_untiled_bytes says 1343. So only
+# 640 -> 1954, decode 929 -> 2134; ours 1178-1485 / 1331-1907 (runs E-G); estimate_untiled_bytes says 1343. So only
 # where twice the estimate fits, and never in the tiled modes, which exist to bound memory.
 REUSE_MEMORY_FACTOR = 2.0
 
