@@ -136,15 +136,15 @@ def encode_moments(
     from .tiling import tiled_encode_moments
 
     plan = tiling_plan(vae, tuple(x.shape), "encode", tiling)
-    with reuse_freed_memory(enabled=reuse_fits(vae, tuple(x.shape), "encode", plan)):
-        if plan == "approx":
-            from .tiling_approx import approx_encode_moments
+    if plan == "approx":
+        from .tiling_approx import approx_encode_moments
 
-            _warn_approx(tiling, x.shape)
-            return approx_encode_moments(vae, x, tile_size)
-        if plan == "tiles":
-            return tiled_encode_moments(vae, x, tile_size)
-        enc = lambda t: vae.quant_conv(vae.encoder(t)) if vae.quant_conv is not None else vae.encoder(t)  # noqa: E731
+        _warn_approx(tiling, x.shape)
+        return approx_encode_moments(vae, x, tile_size)
+    if plan == "tiles":
+        return tiled_encode_moments(vae, x, tile_size)
+    enc = lambda t: vae.quant_conv(vae.encoder(t)) if vae.quant_conv is not None else vae.encoder(t)  # noqa: E731
+    with reuse_freed_memory(enabled=reuse_fits(vae, tuple(x.shape), "encode", plan)):  # malloc.py
         moments = torch.cat([enc(t) for t in x.split(1)]) if plan == "slices" else enc(x)  # (B, 2C, h, w)
     mean, logvar = moments.float().chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps alike
@@ -222,7 +222,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto", t
         run = lambda m, t: torch.cat([_decode_raw(m, s) for s in t.split(1)])  # noqa: E731
     else:
         run = _decode_raw
-    with reuse_freed_memory(enabled=reuse_fits(vae, tuple(z.shape), "decode", plan)):
+    with reuse_freed_memory(enabled=reuse_fits(vae, tuple(z.shape), "decode", plan)):  # malloc.py; off when tiled
         out = run(vae, z.to(p.dtype))
         if p.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
             import copy

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from . import api
-from .images import load_image, pil_to_tensor, save_grid, tensor_to_uint8
 from .evaluate import prepare
+from .images import load_image, pil_to_tensor, save_grid, tensor_to_uint8
 from .metrics import bicubic_baseline, psnr_uint8, ssim_uint8
 from .samples import sample_paths
 

@@ -99,6 +99,7 @@ def bench_inference(size: int, repeats: int) -> dict[str, float]:
     x = torch.rand(1, 3, size, size, generator=g) * 2 - 1  # (1, 3, S, S) in [-1, 1]
     with torch.no_grad():
         z = ka.create("sd-kl-f8", seed=0).encode(x).latent_dist.mean  # (1, 4, S/8, S/8) raw
+    print("  roles: " + "; ".join(f"{k} = {v}" for k, v in ROLES.items()), flush=True)
     ctx = mp.get_context("spawn")
     workers = {}
     for role in ROLES:
