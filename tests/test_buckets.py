@@ -9,7 +9,7 @@ import random
 import pytest
 from PIL import Image
 
-from kl_autoencoder.buckets import BucketBatchSampler, Transform, center_crop_box, make_buckets, nearest_bucket
+from kl_autoencoder.latents.buckets import BucketBatchSampler, Transform, center_crop_box, make_buckets, nearest_bucket
 
 
 def test_sdxl_buckets_shape():

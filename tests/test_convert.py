@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import kl_autoencoder as ka
 from kl_autoencoder import cli
-from kl_autoencoder.checkpoint_io import CheckpointError
+from kl_autoencoder.convert.weight_files import CheckpointError
 from kl_autoencoder.convert import ConversionError, convert_state_dict, infer_groups, load_file, save_ldm, to_ldm_state_dict
 
 from conftest import MICRO, perturb

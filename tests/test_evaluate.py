@@ -12,14 +12,13 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 import kl_autoencoder as ka
-import importlib
 
-from kl_autoencoder import api, metrics
-from kl_autoencoder.images import pil_to_tensor, tensor_to_uint8
+from kl_autoencoder.evaluation import fid, lpips
+from kl_autoencoder.utils.images import pil_to_tensor, tensor_to_uint8
 
 from conftest import sample_photos
 
-ev = importlib.import_module("kl_autoencoder.evaluate")  # the package exports the function under the same name
+from kl_autoencoder.evaluation import report as ev
 
 
 def _psnr_numpy(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +65,7 @@ def test_report_matches_independent_metrics(micro_vae, folder, no_weights, tmp_p
         crop = img.crop((1, 2, 73, 58))  # centre crop of 75x61 to 72x56
         assert (row["width"], row["height"]) == (72, 56)
         orig = np.asarray(crop)
-        rec = tensor_to_uint8(api.reconstruct(micro_vae, pil_to_tensor(crop)[None]))[0]  # same model, same crop
+        rec = tensor_to_uint8(ka.reconstruct(micro_vae, pil_to_tensor(crop)[None]))[0]  # same model, same crop
         psnrs.append(_psnr_numpy(orig, rec))
         ssims.append(_ssim_skimage(orig, rec))
         for k, acc in ((8, f8), (4, f4)):
@@ -91,22 +90,24 @@ def test_missing_weights_reported_unavailable(micro_vae, folder, no_weights, tmp
     out = tmp_path / "report"
     data = ev.evaluate(micro_vae, folder, out, limit=3, compression=False, progress=False)
     assert data["lpips"] is None and data["rfid"] is None
-    for key, fname in (("lpips", metrics.LPIPS_BACKBONE_FILES["vgg"]), ("rfid", metrics.INCEPTION_FILE)):
+    for key, fname in (("lpips", lpips.LPIPS_BACKBONE_FILES["vgg"]), ("rfid", fid.INCEPTION_FILE)):
         info = data["availability"][key]
         assert info["available"] is False
         assert info["file"] == str(no_weights / "hub" / "checkpoints" / fname)
         assert fname in info["reason"]
     md = (out / "metrics.md").read_text()
-    assert "Unavailable metrics" in md and metrics.INCEPTION_FILE in md
+    assert "Unavailable metrics" in md and fid.INCEPTION_FILE in md
     assert data["n_images"] == 2 and math.isfinite(data["psnr"]) and (out / "grid.png").is_file()
 
 
 def test_size_crops_square_and_cli(micro_vae, folder, no_weights, tmp_path, monkeypatch):
     from kl_autoencoder import cli
 
-    crop = ev.prepare(Image.new("RGB", (100, 60)), 32)
+    from kl_autoencoder.utils.images import fit_crop
+
+    crop = fit_crop(Image.new("RGB", (100, 60)), 32)
     assert crop.size == (32, 32)
-    monkeypatch.setattr(cli, "resolve_model", lambda spec, **kw: micro_vae)
+    monkeypatch.setattr(cli.common, "resolve_model", lambda spec, **kw: micro_vae)
     out = tmp_path / "cli"
     assert cli.main(["eval", "micro", str(folder), "--output", str(out), "--size", "32", "--limit", "3", "--no-compression"]) == 0
     data = json.loads((out / "metrics.json").read_text())
@@ -119,7 +120,7 @@ def test_latent_stats_match_encoder(micro_vae, folder, no_weights, tmp_path):
     zs = []
     for row in data["per_image"]:
         crop = Image.open(row["file"]).convert("RGB").crop((1, 2, 73, 58))
-        mean, _ = api.encode_moments(micro_vae, pil_to_tensor(crop)[None])
+        mean, _ = ka.encode_moments(micro_vae, pil_to_tensor(crop)[None])
         zs.append(mean.flatten())
     z = torch.cat(zs).double()
     st = data["latent_stats"]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, fastconv, winograd
+from kl_autoencoder import settings
+from kl_autoencoder.inference import fastconv, winograd
 from kl_autoencoder.config import ModelConfig
 
 from conftest import perturb
@@ -115,10 +116,10 @@ def test_optimized_vae_matches_eager(small_vae, path, monkeypatch):
     assert fast is small_vae and fastconv.is_optimized(fast)
     x = _images()
     with torch.inference_mode():
-        z_ref = api.encode(eager, x)
-        z = api.encode(fast, x)
-        y_ref = api.decode(eager, z_ref)
-        y = api.decode(fast, z_ref)
+        z_ref = ka.encode(eager, x)
+        z = ka.encode(fast, x)
+        y_ref = ka.decode(eager, z_ref)
+        y = ka.decode(fast, z_ref)
     assert (z - z_ref).abs().max() <= 1e-3
     assert (y - y_ref).abs().max() <= 1e-3
     assert not torch.equal(y, y_ref)  # the fast path really ran (Winograd rounds differently)
@@ -133,17 +134,19 @@ def test_switches_restore_exact_eager(small_vae, monkeypatch):
     fast = fastconv.optimize(small_vae)
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        ref = api.decode(eager, z)
+        ref = ka.decode(eager, z)
         with fastconv.disabled():
-            assert torch.equal(api.decode(fast, z), ref)
-        assert not torch.equal(api.decode(fast, z), ref)
-        monkeypatch.setenv(fastconv.ENV_VAR, "0")
-        assert torch.equal(api.decode(fast, z), ref)
-        assert not fastconv.is_optimized(fastconv.optimize(copy.deepcopy(eager)))  # env off: optimize is a no-op
-        monkeypatch.delenv(fastconv.ENV_VAR)
+            assert torch.equal(ka.decode(fast, z), ref)
+        assert not torch.equal(ka.decode(fast, z), ref)
+        settings.set_fastconv(False)  # what KL_AUTOENCODER_FASTCONV=0 sets at import
+        try:
+            assert torch.equal(ka.decode(fast, z), ref)
+            assert not fastconv.is_optimized(fastconv.optimize(copy.deepcopy(eager)))  # switch off: optimize is a no-op
+        finally:
+            settings.set_fastconv(True)
         fastconv.optimize(fast, enabled=False)
         assert not fastconv.is_optimized(fast)
-        assert torch.equal(api.decode(fast, z), ref)
+        assert torch.equal(ka.decode(fast, z), ref)
 
 
 def test_training_uses_eager_and_gradients_flow(small_vae):
@@ -182,3 +185,17 @@ def test_fused_resnet_blocks_are_exact(small_vae):
     fastconv.optimize(fast, enabled=False)
     assert not any("forward" in m.__dict__ for m in fast.modules())
 
+
+
+def test_environment_switches_are_read_once_at_import():
+    """KL_AUTOENCODER_FASTCONV / _MALLOC are read by settings.py at import, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from kl_autoencoder import settings; import torch; from kl_autoencoder.inference import fastconv;"
+            "print(settings.fastconv_enabled(), settings.malloc_enabled(),"
+            " fastconv.is_optimized(fastconv.optimize(torch.nn.Conv2d(32, 32, 3, padding=1))))")
+    env = {**os.environ, settings.FASTCONV_ENV: "0", settings.MALLOC_ENV: "off"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out == ["False", "False", "False"]

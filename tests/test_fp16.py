@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import kl_autoencoder as ka
 from kl_autoencoder import cli
-from kl_autoencoder.fp16 import FP16_MAX, check_fp16
-from kl_autoencoder.swap import synthetic_images
+from kl_autoencoder.evaluation.precision import FP16_MAX, check_fp16
+from kl_autoencoder.evaluation.samples import synthetic_images
 
 from conftest import MICRO, perturb
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kl_autoencoder.images import ImageError, find_images, load_image
+from kl_autoencoder.utils.images import ImageError, find_images, load_image
 
 
 def _photo(h=40, w=60):

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, cli
-from kl_autoencoder.images import pil_to_tensor
-from kl_autoencoder.interpolate import interpolate, lerp, match_sizes, slerp
+from kl_autoencoder import cli
+from kl_autoencoder.utils.images import pil_to_tensor
+from kl_autoencoder.evaluation.interpolation import interpolate, lerp, match_sizes, slerp
 
 from conftest import sample_photos
 
@@ -29,15 +29,15 @@ def test_strip_ends_are_the_reconstructions(micro_vae, small):
     a, b = small[0], small[2]  # 32x32 each
     strip = ka.interpolate(micro_vae, a, b, 3)
     assert strip.shape == (3, 3, 32, 32) and torch.isfinite(strip).all()
-    torch.testing.assert_close(strip[0:1], api.reconstruct(micro_vae, a), atol=1e-5, rtol=0)
-    torch.testing.assert_close(strip[-1:], api.reconstruct(micro_vae, b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(strip[0:1], ka.reconstruct(micro_vae, a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(strip[-1:], ka.reconstruct(micro_vae, b), atol=1e-5, rtol=0)
     assert float((strip[1] - strip[0]).abs().mean()) > 1e-3  # the middle is neither end
     lin = interpolate(micro_vae, a, b, 3, mode="lerp")
     torch.testing.assert_close(lin[0:1], strip[0:1], atol=1e-5, rtol=0)
     torch.testing.assert_close(lin[-1:], strip[-1:], atol=1e-5, rtol=0)
     # the middle image decodes the middle latent, computed here from the encoder directly
-    za, zb = (api.normalize_latents(micro_vae, api.encode_moments(micro_vae, pil_to_tensor(p)[None])[0]) for p in (a, b))
-    torch.testing.assert_close(lin[1:2], api.decode(micro_vae, (za + zb) / 2).clamp(-1, 1), atol=1e-5, rtol=0)
+    za, zb = (ka.normalize_latents(micro_vae, ka.encode_moments(micro_vae, pil_to_tensor(p)[None])[0]) for p in (a, b))
+    torch.testing.assert_close(lin[1:2], ka.decode(micro_vae, (za + zb) / 2).clamp(-1, 1), atol=1e-5, rtol=0)
 
 
 def test_sizes_b_to_a_or_both_to_size(micro_vae, small, photos):
@@ -45,10 +45,10 @@ def test_sizes_b_to_a_or_both_to_size(micro_vae, small, photos):
     b = photos[1]  # 64x64
     strip = interpolate(micro_vae, a, b, 2)
     assert strip.shape == (2, 3, 32, 44)
-    torch.testing.assert_close(strip[0:1], api.reconstruct(micro_vae, a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(strip[0:1], ka.reconstruct(micro_vae, a), atol=1e-5, rtol=0)
     xa, xb, note = match_sizes(pil_to_tensor(a)[None], pil_to_tensor(b)[None])
     assert xb.shape == xa.shape and "B (64x64) resized and centre-cropped to A's size 44x32" in note
-    torch.testing.assert_close(strip[1:2], api.reconstruct(micro_vae, xb), atol=1e-5, rtol=0)
+    torch.testing.assert_close(strip[1:2], ka.reconstruct(micro_vae, xb), atol=1e-5, rtol=0)
     _, _, note = match_sizes(xa, xb)
     assert "used as they are" in note
     sq = interpolate(micro_vae, a, b, 2, size=24)
@@ -101,7 +101,7 @@ def test_slerp_equals_shoemake_for_equal_norms_and_falls_back_to_lerp():
 
 
 def test_cli_writes_one_strip(micro_vae, small, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "resolve_model", lambda spec, **kw: micro_vae)
+    monkeypatch.setattr(cli.common, "resolve_model", lambda spec, **kw: micro_vae)
     pa, pb = tmp_path / "a.png", tmp_path / "b.png"
     small[0].save(pa)
     small[3].resize((40, 24)).save(pb)

@@ -18,11 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, cli
-from kl_autoencoder.buckets import BucketBatchSampler
-from kl_autoencoder.images import find_images, tensor_to_uint8
-from kl_autoencoder.latent_cache import CacheMismatchError, encode_dataset
-from kl_autoencoder.latent_dataset import LatentDataset, read_manifest
+from kl_autoencoder import cli
+from kl_autoencoder.latents.buckets import BucketBatchSampler
+from kl_autoencoder.utils.images import find_images, tensor_to_uint8
+from kl_autoencoder.latents.writer import CacheMismatchError, encode_dataset
+from kl_autoencoder.latents.dataset import LatentDataset
+from kl_autoencoder.latents.format import read_manifest
 from kl_autoencoder.latents import decode_latents, read_latents
 
 from conftest import sample_photos
@@ -57,7 +58,7 @@ def test_encode_decode_matches_reconstruct(micro_vae, tmp_path):
     m = read_manifest(tmp_path / "out")
     assert [s["path"] for s in m["samples"]] == sorted(photos)
     assert m["skipped"][0]["path"] == "broken.jpg" and "broken.jpg" in m["skipped"][0]["reason"]
-    assert m["scaling_factor"] == 0.5 and m["identity"]["model_sha256"] == ka.latent_cache.model_sha256(micro_vae)
+    assert m["scaling_factor"] == 0.5 and m["identity"]["model_sha256"] == ka.latents.format.model_sha256(micro_vae)
     items, is_cache = read_latents(tmp_path / "out")
     assert is_cache and [n for n, _ in items] == ["p0", "p2", "sub/p1", "sub/p3"]
     for (name, z), s in zip(items, m["samples"]):
@@ -65,27 +66,27 @@ def test_encode_decode_matches_reconstruct(micro_vae, tmp_path):
         crop, box = _centre_square(im, 64)
         assert s["crop_box"] == list(box) and s["size"] == list(im.size) and s["flip"] is False
         assert s["sha256"] == hashlib.sha256((tmp_path / "data" / s["path"]).read_bytes()).hexdigest()
-        expected = api.reconstruct(micro_vae, crop)  # (1, 3, 64, 64)
+        expected = ka.reconstruct(micro_vae, crop)  # (1, 3, 64, 64)
         got = decode_latents(micro_vae, z[None], raw=True)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     # the command writes PNGs named after the sources, equal to the reconstruction up to uint8 rounding
     model = tmp_path / "model"
-    api.export(micro_vae, model)
+    ka.export(micro_vae, model)
     assert cli.main(["decode", str(model), str(tmp_path / "out"), str(tmp_path / "png")]) == 0
     for s in m["samples"]:
         png = np.asarray(Image.open(tmp_path / "png" / (s["path"].rsplit(".", 1)[0] + ".png")), dtype=np.int16)
-        ref = tensor_to_uint8(api.reconstruct(micro_vae, _centre_square(photos[s["path"]], 64)[0]))[0].astype(np.int16)
+        ref = tensor_to_uint8(ka.reconstruct(micro_vae, _centre_square(photos[s["path"]], 64)[0]))[0].astype(np.int16)
         assert np.abs(png - ref).max() <= 1
 
 
 def test_decode_tensor_files_and_errors(micro_vae, tmp_path, capsys):
     model = tmp_path / "model"
-    api.export(micro_vae, model)
+    ka.export(micro_vae, model)
     z = torch.randn(2, 4, 8, 8)
     torch.save(z, tmp_path / "norm.pt")
     assert cli.main(["decode", str(model), str(tmp_path / "norm.pt"), str(tmp_path / "a")]) == 0
     assert "normalised" in capsys.readouterr().out
-    ref = tensor_to_uint8(api.decode(micro_vae, z)).astype(np.int16)
+    ref = tensor_to_uint8(ka.decode(micro_vae, z)).astype(np.int16)
     for i in range(2):
         assert np.abs(np.asarray(Image.open(tmp_path / "a" / f"{i:05d}.png"), dtype=np.int16) - ref[i]).max() <= 1
     from safetensors.torch import save_file
@@ -93,7 +94,7 @@ def test_decode_tensor_files_and_errors(micro_vae, tmp_path, capsys):
     save_file({"latents": z[0].contiguous()}, str(tmp_path / "raw.safetensors"))
     assert cli.main(["decode", str(model), str(tmp_path / "raw.safetensors"), str(tmp_path / "b"), "--raw"]) == 0
     assert "raw VAE latents" in capsys.readouterr().out
-    ref = tensor_to_uint8(api.decode(micro_vae, api.normalize_latents(micro_vae, z[:1]))).astype(np.int16)
+    ref = tensor_to_uint8(ka.decode(micro_vae, ka.normalize_latents(micro_vae, z[:1]))).astype(np.int16)
     assert np.abs(np.asarray(Image.open(tmp_path / "b" / "00000.png"), dtype=np.int16) - ref[0]).max() <= 1
     bad = z.clone()
     bad[1, 2, 3, 4] = float("nan")
@@ -118,7 +119,7 @@ def test_killed_encode_resumes_and_reencodes_only_changed(micro_vae, tmp_path):
     n = 60
     data, out, model = tmp_path / "data", tmp_path / "out", tmp_path / "model"
     _noise_folder(data, n)
-    api.export(micro_vae, model)
+    ka.export(micro_vae, model)
     cmd = [sys.executable, "-m", "kl_autoencoder.cli", "encode", str(model), str(data), str(out),
            "--resolution", "64", "--shard-size", "2", "--batch-size", "2", "--num-workers", "0"]
     env = dict(os.environ, PYTHONPATH=str(Path(ka.__file__).parent.parent))
@@ -156,7 +157,7 @@ def test_killed_encode_resumes_and_reencodes_only_changed(micro_vae, tmp_path):
     e = next(s for s in m2["samples"] if s["path"] == "img007.png")
     assert e["sha256"] == hashlib.sha256((data / "img007.png").read_bytes()).hexdigest()
     assert len(m2["samples"]) == n and e["shard"] not in m["shards"]
-    mean, _ = api.encode_moments(micro_vae, _centre_square(new, 64)[0])
+    mean, _ = ka.encode_moments(micro_vae, _centre_square(new, 64)[0])
     i = [s["path"] for s in m2["samples"]].index("img007.png")
     torch.testing.assert_close(LatentDataset(out).moments(i)[0], mean[0], atol=1e-5, rtol=0)
     for shard in m2["shards"]:

@@ -7,8 +7,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 import kl_autoencoder as ka
 from kl_autoencoder.config import LossConfig
-from kl_autoencoder.losses import AutoencoderObjective, NLayerDiscriminator, build_lpips, hinge_d_loss, kl_divergence, vanilla_d_loss
-from kl_autoencoder.train import AutoencoderStep
+from kl_autoencoder.model import kl_divergence
+from kl_autoencoder.training.losses import AutoencoderObjective, NLayerDiscriminator, build_lpips, hinge_d_loss, vanilla_d_loss
+from kl_autoencoder.training.step import AutoencoderStep
 
 from conftest import MICRO, perturb
 

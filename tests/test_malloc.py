@@ -11,14 +11,15 @@ import pytest
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, malloc, memory_plan
+from kl_autoencoder import settings
+from kl_autoencoder.inference import malloc, memory_plan
 
 glibc_only = pytest.mark.skipif(not malloc.supported(), reason="tunes glibc malloc only (Linux)")
 
 # Runs in a fresh process: the heap layout left by earlier tests would decide where a block lands.
 SCRIPT = """
 import json, resource, torch
-from kl_autoencoder import malloc
+from kl_autoencoder.inference import malloc
 MIB = 2**20
 
 def faults(nbytes):
@@ -65,7 +66,7 @@ def test_freed_memory_is_reused_inside_the_block_only():
 
 @glibc_only
 def test_environment_switch_turns_it_off():
-    r = run_script(**{malloc.ENV_VAR: "0"})
+    r = run_script(**{settings.MALLOC_ENV: "0"})
     assert r["inside"] > PAGES_64 // 2
 
 
@@ -88,14 +89,14 @@ def test_api_runs_untiled_cpu_calls_inside_the_block_and_tiled_ones_outside():
     for name, conv in (("enc", vae.encoder.conv_in), ("dec", vae.decoder.conv_in)):  # the tiled path calls these too
         conv.register_forward_hook(lambda *a, name=name: seen.append((name, malloc.active())))
     x = torch.rand(1, 3, 64, 64) * 2 - 1
-    latents = api.encode(vae, x, tiling="never")
-    api.decode(vae, latents, tiling="never")
+    latents = ka.encode(vae, x, tiling="never")
+    ka.decode(vae, latents, tiling="never")
     assert seen == [("enc", True), ("dec", True)]
     assert not malloc.active()
 
     seen.clear()
-    latents = api.encode(vae, x, tiling="always", tile_size=32)
-    api.decode(vae, latents, tiling="always", tile_size=32)
+    latents = ka.encode(vae, x, tiling="always", tile_size=32)
+    ka.decode(vae, latents, tiling="always", tile_size=32)
     assert {s[0] for s in seen} == {"enc", "dec"} and not any(s[1] for s in seen)
 
 

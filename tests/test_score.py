@@ -16,11 +16,11 @@ from PIL import Image, ImageFilter
 from scipy.stats import norm
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, cli
+from kl_autoencoder import cli
 from kl_autoencoder.config import load_config
-from kl_autoencoder.images import pil_to_tensor
-from kl_autoencoder.score import discretized_gaussian_bits, score_images, sort_rows
-from kl_autoencoder.train import train
+from kl_autoencoder.utils.images import pil_to_tensor
+from kl_autoencoder.evaluation.anomaly import discretized_gaussian_bits, score_images, sort_rows
+from kl_autoencoder.training.trainer import train
 
 from conftest import sample_photos
 
@@ -30,7 +30,7 @@ def test_kl_part_matches_closed_form_and_bpd_finite(micro_vae_c16, photos):
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     x = torch.stack([pil_to_tensor(im) for im in [*photos, flat, noise]])
     e = ka.elbo_bits_per_dim(micro_vae_c16, x)
-    mean, logvar = api.encode_moments(micro_vae_c16, x)
+    mean, logvar = ka.encode_moments(micro_vae_c16, x)
     q = torch.distributions.Normal(mean.double(), torch.exp(0.5 * logvar.double()))
     p = torch.distributions.Normal(torch.zeros_like(mean, dtype=torch.float64), 1.0)
     kl = torch.distributions.kl_divergence(q, p).flatten(1).sum(1) / math.log(2) / (3 * 64 * 64)
@@ -136,7 +136,7 @@ def test_corrupted_photos_rank_above_their_originals(trained, capsys):
 
 def test_cli_csv_sorted_worst_first_bad_files_listed(micro_vae, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights"))
-    monkeypatch.setattr(cli, "resolve_model", lambda spec, **kw: micro_vae)
+    monkeypatch.setattr(cli.common, "resolve_model", lambda spec, **kw: micro_vae)
     d = tmp_path / "data"
     d.mkdir()
     photos = sample_photos(32)
@@ -156,7 +156,7 @@ def test_cli_csv_sorted_worst_first_bad_files_listed(micro_vae, tmp_path, monkey
     assert all(r["lpips"] == "" and math.isfinite(float(r["bpd"])) for r in good)
     # independent check of one row: mse of the posterior-mean reconstruction, pixels in [0, 1]
     x = pil_to_tensor(Image.open(d / "p2.png").convert("RGB"))[None]
-    ref = float((((api.reconstruct(micro_vae, x) - x) / 2) ** 2).mean())
+    ref = float((((ka.reconstruct(micro_vae, x) - x) / 2) ** 2).mean())
     row = next(r for r in good if r["file"].endswith("p2.png"))
     assert float(row["mse"]) == pytest.approx(ref, rel=1e-4)
     assert [r["file"] for r in sort_rows([{"file": "a", "score": 1.0}, {"file": "b", "score": 3.0}])] == ["b", "a"]

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from kl_autoencoder.weights import default_model_path
+from kl_autoencoder.model.shipped import default_model_path
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +66,7 @@ def test_default_anomaly_score_ranks_corruptions_with_shipped_weights():
     """Issue 9: corrupted real photos (noise, blur, shuffled 32px patches) score above their originals for
     >= 90% of pairs with the default score and sigma (pooled over the three corruptions)."""
     import kl_autoencoder as ka
-    from kl_autoencoder.score import score_images
+    from kl_autoencoder.evaluation.anomaly import score_images
     from test_score import _blur, _noise, _shuffle, _test_photos
 
     vae = ka.load(default_model_path())

@@ -12,7 +12,8 @@ from safetensors.torch import load_file as read_safetensors
 
 import kl_autoencoder as ka
 from kl_autoencoder import cli
-from kl_autoencoder.swap import IncompatibleVAEError, compare_vaes, swap_vae, synthetic_images
+from kl_autoencoder.evaluation.samples import synthetic_images
+from kl_autoencoder.pipelines.swap import IncompatibleVAEError, compare_vaes, swap_vae
 
 from conftest import MICRO, perturb
 from sd_pipeline_utils import build_tiny_sd_pipeline

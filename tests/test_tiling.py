@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder import memory_plan, tiling
-from kl_autoencoder.memory_plan import tiling_plan
-from kl_autoencoder.tiling import tiled_decode, tiled_encode_moments
+from kl_autoencoder.inference import memory_plan, tiling
+from kl_autoencoder.inference.memory_plan import tiling_plan
+from kl_autoencoder.inference.tiling import tiled_decode, tiled_encode_moments
 
 from conftest import perturb
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder.tiling_approx import approx_decode, approx_encode_moments, mosaic
+from kl_autoencoder.inference.tiling_approx import approx_decode, approx_encode_moments, mosaic
 
 from conftest import sample_photos
 from test_tiling import _images, _untiled_decode, _untiled_moments
@@ -21,7 +21,7 @@ def test_exact_when_preview_is_the_image_and_halo_covers_it(micro_vae, tile, hal
     # 12 tiles each running on the whole image, cropped back (the write-back is what is tested).
     # fast: fastconv's fused ResnetBlock2D must still go through the (patched) GroupNorm modules
     if fast:
-        ka.fastconv.optimize(micro_vae)
+        ka.optimize_inference(micro_vae)
     x = _images(2, 64, 48, seed=1)
     mean, logvar = approx_encode_moments(micro_vae, x, tile, halo=halo, preview=64)
     ref_mean, ref_logvar = _untiled_moments(micro_vae, x)
@@ -77,7 +77,7 @@ def test_work_per_tile_does_not_grow_with_the_image(micro_vae):
 def test_closer_than_diffusers_tiling_on_a_photo(micro_vae):
     # a 256 px photo, preview 128: approximate statistics, 64 px tiles; diffusers' enable_tiling with the
     # same tile size, blending its tiles, is the usual alternative
-    x = ka.images.pil_to_tensor(sample_photos(256)[0])[None]
+    x = ka.utils.images.pil_to_tensor(sample_photos(256)[0])[None]
     ref_z, _ = _untiled_moments(micro_vae, x)
     ref = _untiled_decode(micro_vae, ref_z)
     ours = approx_decode(micro_vae, ref_z, 64, halo=16, preview=128)

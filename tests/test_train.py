@@ -3,7 +3,6 @@
 import dataclasses
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import torch
 import yaml
 from PIL import Image
 
-from kl_autoencoder.checkpoint import list_checkpoints, load_checkpoint
+from kl_autoencoder.training.checkpoints import list_checkpoints, load_checkpoint
 from kl_autoencoder.config import load_config
-from kl_autoencoder.train import train
+from kl_autoencoder.training.trainer import train
 
 from conftest import sample_photos
 
@@ -137,7 +136,7 @@ def test_short_run_on_real_photos_lowers_heldout_l1(tmp_path):
     assert log["step"] == 40
     # independent check: reload the export and measure held-out L1 for fresh and trained weights
     import kl_autoencoder as ka
-    from kl_autoencoder.data import ImageFolder
+    from kl_autoencoder.training.data import ImageFolder
 
     val = torch.stack([ImageFolder(val_dir, 64, train=False)[i]["pixels"] for i in range(4)])
     l1_fresh = float((ka.reconstruct(ka.create(cfg), val) - val).abs().mean())
@@ -177,7 +176,7 @@ def test_bad_files_are_skipped_named_and_counted(tmp_path):
 
 
 def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
-    from kl_autoencoder import losses
+    from kl_autoencoder.training import losses
 
     original = losses.AutoencoderObjective.generator_loss
 

@@ -4,7 +4,7 @@
     python tools/bench.py --quick    # 256 only, 1 repeat
 
 Inference: ``AutoencoderKL.encode(x).latent_dist.mean`` / ``.decode(z).sample`` under ``torch.no_grad``
-(plain diffusers eager) against our path (``fastconv.optimize`` + ``api.encode_moments`` / ``api.decode``
+(plain diffusers eager) against our path (``fastconv.optimize`` + ``ka.encode_moments`` / ``ka.decode``
 under ``torch.inference_mode``) on the same weights and input; a third role, plain diffusers inside
 ``malloc.reuse_freed_memory()``, shows what the allocator change alone gives. Each role runs in its own
 process (malloc's state is per process: a heap our calls grew would speed up a baseline in the same
@@ -13,7 +13,7 @@ on a shared CPU hits all alike. The speedup is the ratio of the best times, afte
 call each (its time is printed: ours packs its Winograd weights there, once per layer). Peak memory:
 the largest rise of the role's process RSS during a call, sampled every 2 ms.
 
-Training: steps/s of ``kl_autoencoder.train.train`` against a minimal loop (same tiny model, L1 + KL,
+Training: steps/s of ``kl_autoencoder.training.train`` against a minimal loop (same tiny model, L1 + KL,
 Adam, same batch size and crop) on one in-memory batch; ``train_overhead = plain / trainer - 1``.
 The last line is machine-readable:
 ``decode_speedup_vs_diffusers=<x> encode_speedup_vs_diffusers=<y> train_overhead=<z>``.
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import kl_autoencoder as ka
-from kl_autoencoder import api, fastconv
+from kl_autoencoder.inference import fastconv
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -66,7 +66,7 @@ def timed(fn) -> tuple[float, float, object]:
 ROLES = {
     "plain": "diffusers eager, glibc malloc defaults (what a diffusers user gets)",
     "plain_reuse": "diffusers eager inside malloc.reuse_freed_memory() (the allocator change alone)",
-    "ours": "fastconv.optimize + api.encode_moments / api.decode (everything)",
+    "ours": "fastconv.optimize + ka.encode_moments / ka.decode (everything)",
 }
 
 
@@ -74,13 +74,13 @@ def _worker(conn, role: str, x: torch.Tensor, z: torch.Tensor) -> None:
     """One process per role, so no role inherits another's heap (malloc state is per process)."""
     import contextlib
 
-    from kl_autoencoder import malloc
+    from kl_autoencoder.inference import malloc
 
     vae = ka.create("sd-kl-f8", seed=0)  # random but fixed weights: speed does not depend on training
     if role == "ours":
         vae = fastconv.optimize(vae)
-        latents = api.normalize_latents(vae, z)
-        fns = {"enc": lambda: api.encode_moments(vae, x)[0], "dec": lambda: api.decode(vae, latents)}
+        latents = ka.normalize_latents(vae, z)
+        fns = {"enc": lambda: ka.encode_moments(vae, x)[0], "dec": lambda: ka.decode(vae, latents)}
         scope = torch.inference_mode
     else:
         fns = {"enc": lambda: vae.encode(x).latent_dist.mean, "dec": lambda: vae.decode(z).sample}
@@ -159,7 +159,7 @@ def _train_config(steps: int, crop: int, batch: int):
 
 def plain_loop_steps_per_s(cfg, batch: torch.Tensor, steps: int) -> float:
     """The minimal loop: same model, L1 + KL (LDM: sum over latent elements / batch), Adam; one fixed batch."""
-    vae = api.create(cfg).train()
+    vae = ka.create(cfg).train()
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
     g = torch.Generator().manual_seed(0)
 
@@ -182,8 +182,8 @@ def plain_loop_steps_per_s(cfg, batch: torch.Tensor, steps: int) -> float:
 
 
 def trainer_steps_per_s(cfg, data: Path, out: Path) -> float:
-    """steps/s as ``kl_autoencoder.train.train`` itself reports it (setup and final export excluded)."""
-    from kl_autoencoder.train import train
+    """steps/s as ``kl_autoencoder.training.train`` itself reports it (setup and final export excluded)."""
+    from kl_autoencoder.training.trainer import train
 
     status = train(cfg, data, out)
     return float(status["losses"]["steps_per_s"])
@@ -204,10 +204,10 @@ def _photo_folder(root: Path, n: int, size: int) -> Path:
 def run_training(steps: int, crop: int = 128, batch: int = 4) -> tuple[float, str]:
     """(train_overhead, note): plain / trainer steps per second - 1."""
     try:
-        import kl_autoencoder.train  # noqa: F401
+        import kl_autoencoder.training.trainer  # noqa: F401
     except ImportError as e:
-        return math.nan, f"kl_autoencoder.train not importable yet ({e})"
-    from kl_autoencoder.data import ImageFolder, collate
+        return math.nan, f"kl_autoencoder.training.trainer not importable yet ({e})"
+    from kl_autoencoder.training.data import ImageFolder, collate
 
     with tempfile.TemporaryDirectory() as tmp:
         data = _photo_folder(Path(tmp) / "photos", 8, crop + 32)

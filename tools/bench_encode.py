@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kl_autoencoder import api, cli
-from kl_autoencoder.buckets import Transform
-from kl_autoencoder.images import find_images, load_image, pil_to_tensor
+import kl_autoencoder as ka
+from kl_autoencoder import cli
+from kl_autoencoder.cli.common import resolve_model
+from kl_autoencoder.latents.buckets import Transform
+from kl_autoencoder.utils.images import find_images, load_image, pil_to_tensor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500"
 
@@ -57,9 +59,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     try:
         data, what = dataset(args.images, tmp)
-        vae = cli.resolve_model(args.model)
+        vae = resolve_model(args.model)
         model = tmp / "model"
-        api.export(vae, model)
+        ka.export(vae, model)
         t = Transform.fixed(args.resolution)
         x = torch.stack([pil_to_tensor(t(load_image(f))[0]) for f in find_images(data)])  # (N, 3, R, R) in [-1, 1]
         batches = list(x.split(args.batch_size))

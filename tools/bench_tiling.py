@@ -1,4 +1,4 @@
-"""Benchmark exact tiling (kl_autoencoder/tiling.py): peak memory, time and error vs untiled and diffusers.
+"""Benchmark exact tiling (kl_autoencoder/inference/tiling.py): peak memory, time and error vs untiled and diffusers.
 
 Memory: every cell (method x operation x size) runs in a fresh subprocess that reports its own peak
 resident memory (VmHWM from /proc/self/status, i.e. ru_maxrss) so cells cannot contaminate each
@@ -10,7 +10,7 @@ any cell running past --timeout is killed and reported.
     python tools/bench_tiling.py accuracy --model weights/kl-f8c4-bsds-cpu   # the same, trained weights
     python tools/bench_tiling.py sd --size 2048                   # one SD-preset tiled decode, timed
 
-The allocator reuse of kl_autoencoder/malloc.py is off here (KL_AUTOENCODER_MALLOC=0 unless set): it
+The allocator reuse of kl_autoencoder/inference/malloc.py is off here (KL_AUTOENCODER_MALLOC=0 unless set): it
 raises the untiled peak (tools/bench.py measures it) and never runs in the tiled modes, so the table
 compares the methods themselves.
 
@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kl_autoencoder as ka  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import perturb  # noqa: E402  (the tests' weight perturbation: same non-trivial model)
-from kl_autoencoder import memory_plan, tiling, tiling_approx  # noqa: E402
+from kl_autoencoder.inference import memory_plan, tiling, tiling_approx  # noqa: E402
+from kl_autoencoder.inference.codec import _prepare  # noqa: E402
+from kl_autoencoder.utils.files import save_json  # noqa: E402
 
 METHODS = ("untiled", "diffusers", "ours", "approx")  # ours: exact tiling; approx: tiling_approx.py
 
@@ -121,7 +123,7 @@ def memory(args: argparse.Namespace) -> None:
                 rows.append(r)
                 print(f"{op:7} {size:5} {method:10} {r['peak'] / 2**30:9.2f} {(r['peak'] - r['base']) / 2**30:9.2f} {r['sec']:7.1f}", flush=True)
     if args.json:
-        ka.api.save_json(rows, args.json)
+        save_json(rows, args.json)
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -133,7 +135,7 @@ def accuracy(args: argparse.Namespace) -> None:
     print(f"{name}, tile {args.tile} px: max abs difference to the untiled pass (mean abs; decode PSNR vs untiled)")
     for h, w, b in args.shapes:
         x = torch.cat([photo(h, w), photo(h, w).flip(-1)][:b])
-        x, _ = ka.api._prepare(vae, x, "reflect")  # 1000x744 -> padded to multiples of 8
+        x, _ = _prepare(vae, x, "reflect")  # 1000x744 -> padded to multiples of 8
         ref_z = run(vae, "untiled", "encode", x, args.tile)
         ref_img = run(vae, "untiled", "decode", ref_z, args.tile)
         line = f"  {b}x{h}x{w}: "
@@ -141,7 +143,7 @@ def accuracy(args: argparse.Namespace) -> None:
             ez = (run(vae, method, "encode", x, args.tile) - ref_z).abs()
             img = run(vae, method, "decode", ref_z, args.tile)
             ei = (img - ref_img).abs()
-            p = ka.api.psnr(img.clamp(-1, 1), ref_img.clamp(-1, 1))
+            p = ka.ka.psnr(img.clamp(-1, 1), ref_img.clamp(-1, 1))
             line += (f"\n    {method:9}: encode {ez.max().item():.2e} ({ez.mean().item():.1e})  "
                      f"decode {ei.max().item():.2e} ({ei.mean().item():.1e}, {p:.1f} dB)")
         print(line, flush=True)

@@ -1,0 +1,47 @@
+"""`kl-autoencoder convert`: a VAE between diffusers and LDM layouts, strictly and offline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..convert import export, load, read_vae, save_ldm
+from ..model import DTYPE_NAMES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a VAE between diffusers and LDM layouts (strict, offline)",
+        description="Convert a VAE between a diffusers folder and one LDM-layout .safetensors file "
+        "(ComfyUI / AUTOMATIC1111). IN may be a diffusers folder, a pipeline folder, or a weights file "
+        "(.safetensors/.ckpt/.pt/.bin/.pth) in either layout, including full SD checkpoints "
+        "(first_stage_model.*). Every key must map and every shape must match; pickles are read "
+        "weights-only (code in them never runs). The architecture is read from tensor shapes.",
+    )
+    p.add_argument("input", metavar="IN", help="diffusers folder or weights file")
+    p.add_argument("output", metavar="OUT", help="output folder (--to diffusers) or .safetensors file (--to ldm)")
+    p.add_argument("--to", choices=["diffusers", "ldm"], required=True, help="target layout")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights dtype (default: as stored in a weights file IN; fp32 for a folder)")
+    p.add_argument("--scaling-factor", type=float, default=None, help="set the latent scaling factor (default: from IN's metadata)")
+    p.add_argument("--shift-factor", type=float, default=None, help="set the latent shift factor (default: from IN's metadata)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    src = Path(args.input)
+    if src.is_dir():
+        vae, info = load(src), {"dtype": None, "layout": "diffusers"}
+        factors = {"scaling_factor": args.scaling_factor, "shift_factor": args.shift_factor}
+        vae.register_to_config(**{k: v for k, v in factors.items() if v is not None})
+    else:
+        vae, info = read_vae(src, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
+    dtype = args.dtype or DTYPE_NAMES.get(info["dtype"] or next(vae.parameters()).dtype, "fp32")
+    out = save_ldm(vae, args.output, dtype=dtype) if args.to == "ldm" else export(vae, args.output, dtype=dtype)
+    c = vae.config
+    print(
+        f"{src} ({info['layout']}) -> {out} ({args.to}, {dtype}): channels {list(c.block_out_channels)}, "
+        f"{c.layers_per_block} resnets/level, {c.latent_channels} latent channels, "
+        f"scaling {c.scaling_factor}, shift {c.shift_factor}"
+    )
+    return 0

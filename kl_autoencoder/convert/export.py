@@ -1,0 +1,85 @@
+"""Exporting a VAE: a diffusers folder with a model card, or one LDM-layout file."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from diffusers import AutoencoderKL
+
+from ..errors import InputError
+from ..model import downsample_factor, num_parameters, resolve_dtype
+from ..utils.files import current_umask, staging_dir
+from .ldm_export import save_ldm
+
+
+def model_card(vae: AutoencoderKL, dtype: str, notes: str | None, name: str) -> str:
+    """README.md of an exported folder: architecture, latent normalisation and how to use it with diffusers."""
+    c = vae.config
+    shift = getattr(c, "shift_factor", None) or 0.0
+    f = downsample_factor(vae)
+    lines = [
+        f"# {name}",
+        "",
+        "A KL autoencoder (diffusers `AutoencoderKL`) exported by kl-autoencoder.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {num_parameters(vae):,} |",
+        f"| block_out_channels | {list(c.block_out_channels)} |",
+        f"| layers_per_block | {c.layers_per_block} |",
+        f"| latent | {c.latent_channels} channels at 1/{f} of the image size |",
+        f"| quant convs | {getattr(c, 'use_quant_conv', True)} / {getattr(c, 'use_post_quant_conv', True)} |",
+        f"| scaling_factor | {c.scaling_factor} |",
+        f"| shift_factor | {getattr(c, 'shift_factor', None)} |",
+        f"| weights dtype | {dtype} |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from diffusers import AutoencoderKL",
+        'vae = AutoencoderKL.from_pretrained("PATH/TO/THIS/FOLDER")',
+        "z = vae.encode(images).latent_dist.mean          # images in [-1, 1], (B, 3, H, W)",
+        f"latents = (z - {shift}) * {c.scaling_factor}   # what a diffusion model sees",
+        f"images = vae.decode(latents / {c.scaling_factor} + {shift}).sample",
+        "```",
+    ]
+    if notes:
+        lines += ["", "## How it was made", "", notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def export(
+    vae: AutoencoderKL,
+    out: str | Path,
+    *,
+    format: str = "diffusers",
+    dtype: str = "fp32",
+    notes: str | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write ``vae`` for other tools; the model itself is not changed.
+
+    ``format="diffusers"``: a folder with config.json, diffusion_pytorch_model.safetensors and a
+    README.md model card, loadable by ``AutoencoderKL.from_pretrained``. ``format="ldm"``: one
+    .safetensors file in CompVis/LDM key layout (ComfyUI, AUTOMATIC1111). ``dtype``: fp32, fp16, bf16.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    out = Path(out)
+    if format == "ldm":
+        return save_ldm(vae, out, dtype=dtype)
+    if format != "diffusers":
+        raise InputError(f"format {format!r}: choose diffusers or ldm")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    half = copy.deepcopy(vae)
+    for t in list(half.parameters()) + list(half.buffers()):  # cast tensors, not the module: no diffusers upcast warning
+        if t.is_floating_point():
+            t.data = t.data.to(torch_dtype)
+    with staging_dir(out, "export") as tmp:  # replaced file by file: an interrupted export leaves no half-written file
+        half.save_pretrained(tmp, safe_serialization=True)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~current_umask())  # safetensors writes 0600: readable as the umask says
+        (tmp / "README.md").write_text(model_card(vae, dtype, notes, name or out.name))
+    return out

@@ -1,0 +1,14 @@
+"""Latent caches for diffusion training: format, the encode job, the dataset, buckets, statistics, latent files."""
+
+from .buckets import BucketBatchSampler, Transform, make_buckets
+from .dataset import LatentDataset
+from .files import decode_latents, read_latents
+from .format import FORMAT, CacheMismatchError, read_manifest
+from .stats import LatentStats, compute_latent_stats, stats_of_cache, stats_of_folder, write_factors
+from .writer import EncodeResult, encode_dataset
+
+__all__ = [
+    "FORMAT", "BucketBatchSampler", "CacheMismatchError", "EncodeResult", "LatentDataset", "LatentStats", "Transform",
+    "compute_latent_stats", "decode_latents", "encode_dataset", "make_buckets", "read_latents", "read_manifest",
+    "stats_of_cache", "stats_of_folder", "write_factors",
+]

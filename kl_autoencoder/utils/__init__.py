@@ -1,0 +1,1 @@
+"""Helpers every layer uses: atomic file writes, seeds, image reading and conversion."""
