@@ -1,49 +1,56 @@
-"""Fast CPU inference: Winograd for the 3x3 stride-1 convolutions that dominate the VAE.
+"""Fast CPU inference: patch a diffusers KL VAE's convolutions and blocks to run our kernels, fp32 or bf16.
 
-Why: on a CPU, diffusers' eager ``AutoencoderKL`` already runs its convolutions near oneDNN's
-direct-convolution peak and ``torch.compile`` gains nothing, so the only way to go faster is to do
-less arithmetic. ~90% of encode/decode time is 3x3 stride-1 convolutions; Winograd's algorithm
-computes them with 4-5x fewer multiplications (Lavin & Gray, "Fast Algorithms for Convolutional
-Neural Networks", 2016).
+Why: on a CPU, diffusers' eager ``AutoencoderKL`` runs its convolutions near oneDNN's direct-
+convolution peak and ``torch.compile`` gains nothing, so the way to go faster is to do less
+arithmetic and fewer passes over memory. ~90% of encode/decode arithmetic is 3x3 stride-1
+convolutions; Winograd's algorithm computes them with 5x fewer multiplications (Lavin & Gray, 2016).
 
-This module decides where each runs and patches the model: our F(6x6, 3x3) (``winograd.py``) for the
-512-channel convs on small maps, NNPACK's Winograd (``torch._nnpack_spatial_convolution``) elsewhere
-(measured per layer shape, docs/benchmarks.md), eager when neither is usable; diffusers'
-``ResnetBlock2D`` runs with SiLU and the residual add in place. Data stays NCHW throughout.
+This module decides where each piece runs and patches the model (generic: ``nn.Conv2d``, diffusers'
+``ResnetBlock2D`` and ``Upsample2D``, so any diffusers KL VAE):
+
+- fp32: 3x3 convs by our fused Winograd F(6,3) (``winograd.py``); NNPACK's Winograd or eager where it
+  does not apply. A ResnetBlock2D's GroupNorm + SiLU is applied while staging its conv's input
+  (``groupnorm.py``: statistics in one pass, the normalised map never written), SiLU and the residual
+  add in place; an Upsample2D's nearest 2x upsampling is read straight from the low-resolution map.
+- bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
+  channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics, the residual
+  add fused into conv2, Upsample2D as sub-pixel convolutions. On a CPU without native bf16,
+  ``optimize`` runs the model in fp32 instead (one warning line): emulated bf16 is slower than fp32.
 
 Use::
 
     vae = fastconv.optimize(vae)                  # in place; returns vae; weights/state dict untouched
-    with fastconv.disabled(): ...                 # eager convolutions inside the block
+    with fastconv.disabled(): ...                 # eager inside the block
     fastconv.optimize(vae, enabled=False)         # undo
     KL_AUTOENCODER_FASTCONV=0                     # environment switch (settings.py, read at import):
-                                                  # optimize() does nothing, patched convs run eager
+                                                  # optimize() does nothing, patched modules run eager
 
-A patched conv falls back to the eager ``nn.Conv2d.forward`` whenever the fast path does not apply:
+A patched module falls back to its eager ``forward`` whenever the fast path does not apply:
 autograd is recording (training), a non-CPU device (cuDNN already picks Winograd itself), a dtype
-other than float32, or the switch is off. Max error against eager on images in [-1, 1]: see
-docs/benchmarks.md (measured well under 1e-3).
+or layout the kernels do not handle, a norm whose forward was replaced (``tiling_approx``), or the
+switch is off. fp32 outputs stay within 1e-4 of eager on images in [-1, 1] (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import settings
+from . import bf16, groupnorm
+from .cbuild import cpu_flags
 from .winograd import CHANNEL_BLOCK, winograd_conv2d, winograd_library
 
 MIN_CHANNELS = 16  # below this (conv_in 3->128, conv_out 128->3, 4->512) Winograd is not faster
-WINOGRAD_MIN_CHANNELS_PRODUCT = 512 * 512  # use_winograd: our F(6,3) for C_in * C_out at least this ...
-WINOGRAD_MAX_PIXELS = 128 * 128  # ... and H * W at most this; NNPACK elsewhere (measured, docs/benchmarks.md)
 
 
 def nnpack_available() -> bool:
-    """True when this PyTorch build has NNPACK and it initialised on this CPU."""
+    """True when this PyTorch build has NNPACK and it initialised on this CPU (the call initialises it)."""
     try:
         return bool(torch.backends.nnpack.is_available()) and hasattr(torch, "_nnpack_spatial_convolution")
     except Exception:  # pragma: no cover - exotic builds
@@ -51,16 +58,13 @@ def nnpack_available() -> bool:
 
 
 def active() -> bool:
-    """Whether patched convolutions take the fast path right now (``settings.fastconv_enabled()``)."""
+    """Whether patched modules take the fast path right now (``settings.fastconv_enabled()``)."""
     return settings.fastconv_enabled()
 
 
 def disabled() -> contextlib.AbstractContextManager[None]:
-    """Run patched convolutions eagerly inside the block (this thread only): ``settings.use_fastconv(False)``."""
+    """Run patched modules eagerly inside the block (this thread only): ``settings.use_fastconv(False)``."""
     return settings.use_fastconv(False)
-
-
-# ----------------------------------------------------------------------------- patching
 
 
 def eligible(conv: nn.Module) -> bool:
@@ -78,34 +82,48 @@ def eligible(conv: nn.Module) -> bool:
     )
 
 
-def use_winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Our F(6,3) rather than NNPACK: measured per layer shape (docs/benchmarks.md), ours wins where the
-    per-frequency products are big (512 -> 512 channels: 2.4-2.9x vs NNPACK's 1.8x over eager) and the
-    image is small (<= 128x128: at 256x256 both give ~2.1x); at 128-256 channels NNPACK's fused
-    transforms win (2.0x vs 1.1-1.5x). Without NNPACK, ours runs wherever the channels allow."""
-    if conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK:
+def use_winograd(conv: nn.Conv2d) -> bool:
+    """Our F(6,3) for an eligible conv: its channels fit the 16-wide vectors and the kernels built. Without
+    AVX-512 (the kernels' 16-float vectors split in two) NNPACK's AVX2 Winograd is preferred."""
+    if conv.in_channels % CHANNEL_BLOCK or conv.out_channels % CHANNEL_BLOCK or winograd_library() is None:
         return False
-    if not nnpack_available():
-        return True
-    return conv.in_channels * conv.out_channels >= WINOGRAD_MIN_CHANNELS_PRODUCT and x.shape[-2] * x.shape[-1] <= WINOGRAD_MAX_PIXELS
+    return "avx512f" in cpu_flags() or not nnpack_available()
+
+
+def _fp32_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.dim() == 4
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    )
+
+
+def _bf16_ok(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    return bf16.applies(conv, x) and bf16.supported()
 
 
 def _fast_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and w.dtype == torch.float32
-        and x.dim() == 4
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        and active()
-    ):
-        if use_winograd(self, x) and winograd_library() is not None:
-            return winograd_conv2d(self, x)  # (B, O, H, W)
-        if nnpack_available():
-            # NNPACK reads NCHW-contiguous input; channels_last input would be copied anyway
-            return torch._nnpack_spatial_convolution(x.contiguous(), w, self.bias, [1, 1], [1, 1])  # (B, O, H, W)
+    if active():
+        if eligible(self) and _fp32_ok(x, self.weight):
+            if use_winograd(self):
+                return winograd_conv2d(self, x)  # (B, O, H, W)
+            if nnpack_available():
+                # NNPACK reads NCHW-contiguous input; channels_last input would be copied anyway
+                return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, [1, 1], [1, 1])
+        elif _bf16_ok(self, x):
+            y = bf16.conv2d(self, x)  # (B, O, H', W') channels_last
+            return y if self.out_channels >= MIN_CHANNELS else y.contiguous()  # network outputs (image, moments) NCHW
     return nn.Conv2d.forward(self, x)
+
+
+def _norm_silu_conv(norm: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(silu(norm(x)))``: fp32 with GroupNorm + SiLU inside the Winograd input staging where it
+    applies, else the two-pass GroupNorm + SiLU kernel, else eager norm and SiLU; the conv is patched."""
+    if groupnorm.supported(norm, x):
+        if x.dtype == torch.float32 and eligible(conv) and _fp32_ok(x, conv.weight) and use_winograd(conv):
+            scale, shift = groupnorm.norm_scale_shift(norm, x)  # (B, C) each
+            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True)
+        return conv(groupnorm.group_norm_silu(norm, x))
+    return conv(F.silu(norm(x), inplace=True))  # norm returns a new tensor
 
 
 def _fusable(block: nn.Module) -> bool:
@@ -120,42 +138,82 @@ def _fusable(block: nn.Module) -> bool:
 
 
 def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
-    """diffusers ResnetBlock2D.forward with SiLU and the residual computed in place (no autograd only).
+    """diffusers ResnetBlock2D.forward (temb None, eval) with our kernels; no autograd only.
 
-    Same operations in the same order, so bit-identical to the original for the same convs; it saves
-    three full-size allocations and the division by ``output_scale_factor`` when that is 1.
+    ``(shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))) / output_scale_factor``; in fp32 the sum is
+    computed in place into conv2's output, in bf16 inside conv2 (oneDNN's add post-op).
     """
     if temb is not None or args or kwargs or torch.is_grad_enabled() or (self.training and self.dropout.p > 0) or not active():
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
-    h = F.silu(self.norm1(input_tensor), inplace=True)  # norm1 returns a new tensor
-    h = F.silu(self.norm2(self.conv1(h)), inplace=True)
-    h = self.conv2(h)
-    x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
-    h = h.add_(x)  # == input + hidden (IEEE addition commutes)
+    x = input_tensor
+    h = _norm_silu_conv(self.norm1, self.conv1, x)
+    if h.dtype == torch.bfloat16 and _bf16_ok(self.conv2, h) and groupnorm.supported(self.norm2, h):
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        h = bf16.conv2d(self.conv2, groupnorm.group_norm_silu(self.norm2, h), add=shortcut)  # (B, C, H, W)
+        return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
+    h = _norm_silu_conv(self.norm2, self.conv2, h)
+    shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+    h = h.add_(shortcut)  # == input + hidden (IEEE addition commutes)
     return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
 
 
+def _upsample_fusable(block: nn.Module) -> bool:
+    """A diffusers Upsample2D that interpolates 2x (nearest) and then runs a 3x3 conv named ``conv``."""
+    conv = getattr(block, "conv", None)
+    return (
+        type(block).__name__ == "Upsample2D"
+        and getattr(block, "use_conv", False) and not getattr(block, "use_conv_transpose", True)
+        and getattr(block, "interpolate", False) and getattr(block, "norm", 0) is None
+        and getattr(block, "name", None) == "conv" and isinstance(conv, nn.Conv2d) and eligible(conv)
+    )
+
+
+def _fast_upsample_forward(self: nn.Module, hidden_states: torch.Tensor, output_size=None, *args, **kwargs):
+    """diffusers Upsample2D.forward without materialising the 2x map: fp32 reads the low-resolution map in
+    the Winograd input staging, bf16 runs four 2x2 sub-pixel convolutions (``bf16.upsample_conv2d``)."""
+    x = hidden_states
+    if output_size is None and not args and not kwargs and active():
+        if _fp32_ok(x, self.conv.weight) and use_winograd(self.conv):
+            return winograd_conv2d(self.conv, x, up=True)  # (B, C, 2H, 2W)
+        if _bf16_ok(self.conv, x):
+            return bf16.upsample_conv2d(self.conv, x)  # (B, C, 2H, 2W) channels_last
+    return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
+
+
+_PATCHES = ((_fusable, _fast_resnet_forward), (_upsample_fusable, _fast_upsample_forward),
+            (lambda m: isinstance(m, nn.Conv2d), _fast_forward))
+
+
+def _bf16_fallback(model: nn.Module) -> None:
+    """A bf16 model on a CPU without native bf16: oneDNN would emulate it, slower than fp32, so run fp32."""
+    p = next(model.parameters(), None)
+    if p is not None and p.dtype == torch.bfloat16 and p.device.type == "cpu" and not bf16.supported():
+        warnings.warn("this CPU has no avx512_bf16 or AMX: bf16 would be emulated (slower than fp32); "
+                      "running the model in fp32", stacklevel=3)
+        model.float()
+
+
 def optimize(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Patch the eligible Conv2d modules of ``model`` in place to run Winograd on CPU; returns ``model``.
+    """Patch ``model``'s Conv2d, ResnetBlock2D and Upsample2D modules in place to run our CPU kernels; returns it.
 
     Only each module's ``forward`` is replaced (an instance attribute): parameters, buffers and the
-    state dict are unchanged, so saving, exporting and training behave as before. ``enabled=False``
-    (or ``KL_AUTOENCODER_FASTCONV=0``, or neither the C kernels nor NNPACK usable) removes the patches.
+    state dict are unchanged (except that a bf16 model on a CPU without native bf16 is cast to fp32),
+    so saving, exporting and training behave as before. ``enabled=False`` (or ``KL_AUTOENCODER_FASTCONV=0``)
+    removes the patches and the packed weights.
     """
-    on = enabled and settings.fastconv_enabled() and (winograd_library() is not None or nnpack_available())
+    on = enabled and settings.fastconv_enabled()
+    if on:
+        _bf16_fallback(model)
     for m in model.modules():
-        if _fusable(m):
-            if on:
-                m.forward = types.MethodType(_fast_resnet_forward, m)
-            elif getattr(m.__dict__.get("forward"), "__func__", None) is _fast_resnet_forward:
-                del m.forward
-        if not isinstance(m, nn.Conv2d):
-            continue
-        if on and eligible(m):
-            m.forward = types.MethodType(_fast_forward, m)
-        elif "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) is _fast_forward:
-            del m.forward
-            m.__dict__.pop("_fastconv_cache", None)
+        for applies, forward in _PATCHES:
+            if applies(m):
+                if on:
+                    m.forward = types.MethodType(forward, m)
+                elif getattr(m.__dict__.get("forward"), "__func__", None) is forward:
+                    del m.forward
+                    m.__dict__.pop("_fastconv_cache", None)
+                    m.__dict__.pop("_bf16_cache", None)
+                break
     return model
 
 

@@ -1,37 +1,38 @@
-"""Winograd F(m x m, 3 x 3) convolution on CPU: exact transform matrices, C tile transforms, packed GEMMs.
+"""Winograd F(m x m, 3 x 3) convolution on CPU, fp32: exact transform matrices, one fused C kernel.
 
 Per m x m output tile, ``Y = A^T [(G g G^T) * (B^T d B)] A`` (Lavin & Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016): F(6,3) does 5.06x fewer multiplications than direct 3x3.
-The input/output tile transforms are two small C loops (generated here, compiled once with the
-system ``gcc`` into ``~/.cache/kl_autoencoder``, OpenMP on torch's threads); the 64 per-frequency
-products ``(tiles, C_in) x (C_in, C_out)`` are one grouped 1x1 oneDNN convolution with the transformed
-weights pre-packed once per layer (the per-call weight reorder would otherwise cost as much as the
-products). Data stays NCHW in and out. When to use it instead of NNPACK or eager: ``fastconv.py``.
+
+The kernel (C generated here, built by ``cbuild.py``) works on a strip of ``T`` tiles of one tile row
+at a time, so that the strip's transformed input ``V`` (t*t, T, C_in) and products ``M`` (t*t, T,
+C_out) stay in the core's L2 cache: input transform (16 channels per vector, straight-line code with
+the matrices' constants folded in), then the t*t products ``V[f] @ U[f]`` with a 6 x 64 register-
+blocked micro-kernel, then the output transform writing NCHW rows. Earlier versions transformed a
+band of 48 MB and ran the products through oneDNN: the transformed tiles went to memory and back
+twice, so at 128-256 channels the transforms cost as much as the products (docs/benchmarks.md).
+
+The input staging can also apply, per channel, ``silu(x * scale + shift)`` (a GroupNorm with its
+statistics, then SiLU: ``groupnorm.py``) and a nearest 2x upsampling, so the normalised or upsampled
+map is never written to memory. When to use it instead of NNPACK or eager: ``fastconv.py``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
-import threading
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .cbuild import PRELUDE, build
 
 TILE = 6  # output tile m of F(m x m, 3 x 3); 4 is also compiled (more accurate, 4x instead of 5.06x fewer multiplies)
-BAND_BYTES = 48 << 20  # transformed tiles per band (V and M): big enough for GEMM efficiency, small enough to reuse memory
-CHANNEL_BLOCK = 16  # channels per inner C loop (one AVX-512 vector); C_in and C_out must be divisible by it
+CHANNEL_BLOCK = 16  # channels per vector (one AVX-512 register); C_in and C_out must be divisible by it
+BLOCK_BYTES = 3 << 19  # V + M of one block of tiles (1.5 MiB): within a core's L2 (2 MiB here, 1 MiB on Zen 4/5) ...
+MIN_BLOCK_TILES = 12  # ... but at least this many tiles: each block streams all t*t*C_in*C_out transformed weights
+ROWS = 6  # tiles per micro-kernel call (register block 6 x 64 outputs: 24 accumulators)
 # Interpolation points (Lavin & Gray 2016; NNPACK/wincnn use the same): 0, +-1, +-2 (, +-1/2) and infinity.
 _POINTS = {4: (0, 1, -1, 2, -2), 6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
-
-_lock = threading.Lock()
-_lib: list = []  # [ctypes.CDLL or None] once tried
 
 
 def winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,143 +60,175 @@ def winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return tuple(torch.tensor([[float(v) for v in row] for row in a], dtype=torch.float64) for a in (at, g, bt))
 
 
-def _c_source() -> str:
-    """C for the tile transforms of F(4,3) and F(6,3) on NCHW float data, 16 channels per vectorised inner loop."""
-    def arr(a: torch.Tensor) -> str:
-        return "{" + ",".join("{" + ",".join(f"{float(v)!r}f" for v in row) + "}" for row in a.tolist()) + "}"
+def _linear_code(mat: list[list[float]], ins: str, outs: str, rows: int) -> str:
+    """C statements ``outs[i] = sum_j mat[i][j] * ins[j]`` on vectors, zero terms left out."""
+    lines = []
+    for i in range(rows):
+        terms = [f"{float(v)!r}f * {ins}[{j}]" for j, v in enumerate(mat[i]) if v != 0]
+        lines.append(f"{outs}[{i}] = {' + '.join(terms) or 'vset1(0.f)'};")
+    return "\n  ".join(lines)
 
-    out = ["#include <stdlib.h>", "#include <string.h>"]
+
+_MICRO_KERNEL = """
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M, long ldm, long K) {{
+  v16 c[6][{nw}];
+  for (int r = 0; r < 6; r++) for (int j = 0; j < {nw}; j++) c[r][j] = vset1(0.f);
+  for (long k = 0; k < K; k++) {{
+    v16 u[{nw}];
+    __builtin_prefetch(U + k * {w} + PREFETCH, 0, 3);  /* the weights stream from L3: fetch ahead */
+    for (int j = 0; j < {nw}; j++) u[j] = *(const v16*)(U + k * {w} + 16 * j);
+    for (int r = 0; r < 6; r++) {{
+      v16 v = vset1(V[r * ldv + k]);
+      for (int j = 0; j < {nw}; j++) c[r][j] += v * u[j];
+    }}
+  }}
+  for (int r = 0; r < 6; r++) for (int j = 0; j < {nw}; j++) *(v16*)(M + r * ldm + 16 * j) = c[r][j];
+}}"""
+
+# One conv for one image. x: (C_in, Hin, Win) with Hin = H/2 (Win = W/2) when up, else H (W); U: packed
+# transformed weights (t*t, C_out/64 blocks, C_in, 64); y: (C_out, H, W). scale/shift (C_in) or NULL: input
+# staging computes silu?(x * scale + shift); the zero padding stays zero (it pads the conv's input).
+_CONV = """
+void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, const float* scale, const float* shift,
+                  int silu, long H, long W, long Ci, long Co, int up, long R, long T, int nt) {{
+  const long m = {m}, t = {t}, tt = {t} * {t};
+  long nH = (H + m - 1) / m, nW = (W + m - 1) / m, nseg = (nW + T - 1) / T, nband = (nH + R - 1) / R;
+  long Tp = (R * T + 5) / 6 * 6, Hin = up ? H / 2 : H, Win = up ? W / 2 : W, SW = m * T + 2, HWin = Hin * Win, HW = H * W;
+  long SR = R * m + 2;
+  /* frequency planes of V and M: padded by one cache line, so that the t*t lines of one tile do not all
+     fall in the same L1 set (plane sizes are multiples of 4 KiB) */
+  long fv = Tp * Ci + 16, fm = Tp * Co + 16;
+  #pragma omp parallel num_threads(nt)
+  {{
+    float* V = (float*)aligned_alloc(64, tt * fv * 4);
+    float* M = (float*)aligned_alloc(64, tt * fm * 4);
+    float* st = (float*)aligned_alloc(64, SR * SW * 16 * 4);
+    float* ost = (float*)aligned_alloc(64, R * m * m * T * 16 * 4);
+    memset(V, 0, tt * fv * 4);  /* rows past a block's last tile feed products that are never read */
+    #pragma omp for schedule(dynamic, 1)
+    for (long it = 0; it < nband * nseg; it++) {{
+      /* a block: tile rows [i0, i0 + nr), tile columns [j0, j0 + n); tile (rr, j) is row rr * n + j of V and M */
+      long i0 = (it / nseg) * R, j0 = (it % nseg) * T;
+      long nr = nH - i0 < R ? nH - i0 : R, n = nW - j0 < T ? nW - j0 : T, nt_ = nr * n;
+      long r0 = i0 * m - 1, q0 = j0 * m - 1, ncols = n * m + 2, nrows = nr * m + 2;
+      /* input: stage 16 channels of the block's rows as (row, col, 16), then transform each tile */
+      for (long c0 = 0; c0 < Ci; c0 += 16) {{
+        const float* xc = x + c0 * HWin;
+        v16 a = scale ? vload(scale + c0) : vset1(1.f), b = shift ? vload(shift + c0) : vset1(0.f);
+        for (long k = 0; k < nrows; k++) {{
+          long r = r0 + k;
+          float* srow = st + k * SW * 16;
+          if (r < 0 || r >= H) {{ memset(srow, 0, ncols * 64); continue; }}
+          const float* xr = xc + (up ? r >> 1 : r) * Win;
+          for (long q = 0; q < ncols; q++) {{
+            long col = q0 + q;
+            v16 v = vset1(0.f);
+            if (col >= 0 && col < W) {{
+              const float* p = xr + (up ? col >> 1 : col);
+              for (int c = 0; c < 16; c++) v[c] = p[c * HWin];
+              if (scale) v = v * a + b;
+              if (silu) v = vsilu(v);
+            }}
+            *(v16*)(srow + q * 16) = v;
+          }}
+        }}
+        for (long jj = 0; jj < nt_; jj++) {{
+          long rr = jj / n, j = jj % n;
+          const float* sb = st + (rr * m * SW + j * m) * 16;
+          v16 tmp[{t}][{t}];
+          for (int l = 0; l < t; l++) {{
+            v16 d[{t}], o[{t}];
+            for (int k = 0; k < t; k++) d[k] = *(const v16*)(sb + (k * SW + l) * 16);
+            bt_1d(d, o);
+            for (int r = 0; r < t; r++) tmp[r][l] = o[r];
+          }}
+          for (int r = 0; r < t; r++) {{
+            v16 o[{t}];
+            bt_1d(tmp[r], o);
+            for (int s = 0; s < t; s++) *(v16*)(V + (r * t + s) * fv + jj * Ci + c0) = o[s];
+          }}
+        }}
+      }}
+      /* products: M[f] (tiles, Co) = V[f] (tiles, Ci) @ U[f] (Ci, Co), 6 tiles x 64 channels per micro-kernel */
+      for (int f = 0; f < tt; f++) {{
+        const float* Vf = V + f * fv; const float* Uf = U + f * Ci * Co; float* Mf = M + f * fm;
+        for (long n0 = 0; n0 < Co; n0 += 64) {{
+          long w = Co - n0 < 64 ? Co - n0 : 64;
+          const float* Ub = Uf + n0 * Ci;
+          for (long j = 0; j < nt_; j += 6) {{
+            if (w == 64) gemm6x4(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
+            else if (w == 48) gemm6x3(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
+            else if (w == 32) gemm6x2(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
+            else gemm6x1(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
+          }}
+        }}
+      }}
+      /* output: transform 16 channels of each tile, + bias, stage as (row, col, 16), write NCHW rows */
+      long ncol = W - j0 * m < n * m ? W - j0 * m : n * m;
+      for (long c0 = 0; c0 < Co; c0 += 16) {{
+        v16 bv = bias ? vload(bias + c0) : vset1(0.f);
+        for (long jj = 0; jj < nt_; jj++) {{
+          long rr = jj / n, j = jj % n;
+          float* ob = ost + (rr * m * m * T + j * m) * 16;
+          v16 tmp[{m}][{t}];
+          for (int s = 0; s < t; s++) {{
+            v16 d[{t}], o[{m}];
+            for (int r = 0; r < t; r++) d[r] = *(const v16*)(M + (r * t + s) * fm + jj * Co + c0);
+            at_1d(d, o);
+            for (int r = 0; r < m; r++) tmp[r][s] = o[r];
+          }}
+          for (int r = 0; r < m; r++) {{
+            v16 o[{m}];
+            at_1d(tmp[r], o);
+            for (int s = 0; s < m; s++) *(v16*)(ob + (r * m * T + s) * 16) = o[s] + bv;
+          }}
+        }}
+        for (long r = 0; r < nr * m && i0 * m + r < H; r++) {{
+          float* yr = y + c0 * HW + (i0 * m + r) * W + j0 * m;
+          const float* sr = ost + r * m * T * 16;
+          for (int c = 0; c < 16; c++)
+            for (long q = 0; q < ncol; q++) yr[c * HW + q] = sr[q * 16 + c];
+        }}
+      }}
+    }}
+    free(V); free(M); free(st); free(ost);
+  }}
+}}"""
+
+
+def _c_source() -> str:
+    out = [PRELUDE]
+    for nw in (1, 2, 3, 4):
+        out.append(_MICRO_KERNEL.format(nw=nw, w=16 * nw))
     for m in (4, 6):
         at, _, bt = winograd_matrices(m)
         t = m + 2
         out.append(f"""
-static const float BT{m}[{t}][{t}] = {arr(bt)};
-static const float AT{m}[{m}][{t}] = {arr(at)};
-""")
-        # in: x (C, H, W) -> V (tiles of rows [i0, i1), t*t, C); rows/cols outside the image read as zero padding
-        # out: M (tiles, t*t, C) -> y (C, H, W) + bias; outputs outside the image are skipped
-        # Both stage a band's rows of 16 channels in a (row, col, 16) buffer, so that x/y are read and
-        # written as contiguous rows (gathering 16 channels per pixel directly thrashed the TLB: 4-10x slower)
-        out.append(f"""
-void wino{m}_in_nchw(const float* x, float* V, long H, long W, long C, long nW, long i0, long i1, int nt) {{
-  long Wp = nW * {m} + 2;
-  #pragma omp parallel num_threads(nt)
-  {{
-    float* st = (float*)aligned_alloc(64, {t} * Wp * {CHANNEL_BLOCK} * sizeof(float));
-    float tmp[{t}][{t}][{CHANNEL_BLOCK}] __attribute__((aligned(64)));
-    #pragma omp for schedule(static)
-    for (long i = i0; i < i1; i++) {{
-      for (long c0 = 0; c0 < C; c0 += {CHANNEL_BLOCK}) {{
-        memset(st, 0, {t} * Wp * {CHANNEL_BLOCK} * sizeof(float));
-        for (int k = 0; k < {t}; k++) {{
-          long r = i * {m} - 1 + k;
-          if (r < 0 || r >= H) continue;
-          for (int c = 0; c < {CHANNEL_BLOCK}; c++) {{
-            const float* row = x + ((c0 + c) * H + r) * W;
-            float* s = st + (k * Wp + 1) * {CHANNEL_BLOCK} + c;
-            for (long q = 0; q < W; q++) s[q * {CHANNEL_BLOCK}] = row[q];
-          }}
-        }}
-        for (long j = 0; j < nW; j++) {{
-          float* vp = V + ((i - i0) * nW + j) * {t * t} * C + c0;
-          for (int a = 0; a < {t}; a++) for (int l = 0; l < {t}; l++) for (int c = 0; c < {CHANNEL_BLOCK}; c++) {{
-            float s = 0.f;
-            for (int k = 0; k < {t}; k++) s += BT{m}[a][k] * st[(k * Wp + j * {m} + l) * {CHANNEL_BLOCK} + c];
-            tmp[a][l][c] = s;
-          }}
-          for (int a = 0; a < {t}; a++) for (int b = 0; b < {t}; b++) {{
-            float* o = vp + (a * {t} + b) * C;
-            for (int c = 0; c < {CHANNEL_BLOCK}; c++) {{
-              float s = 0.f;
-              for (int l = 0; l < {t}; l++) s += BT{m}[b][l] * tmp[a][l][c];
-              o[c] = s;
-            }}
-          }}
-        }}
-      }}
-    }}
-    free(st);
-  }}
+#define bt_1d bt{m}_1d
+#define at_1d at{m}_1d
+static inline void bt{m}_1d(const v16* d, v16* o) {{
+  {_linear_code(bt.tolist(), "d", "o", t)}
 }}
-void wino{m}_out_nchw(const float* M, float* y, const float* bias, long H, long W, long C, long nW, long i0, long i1, int nt) {{
-  long Wp = nW * {m};
-  #pragma omp parallel num_threads(nt)
-  {{
-    float* st = (float*)aligned_alloc(64, {m} * Wp * {CHANNEL_BLOCK} * sizeof(float));
-    float tmp[{m}][{t}][{CHANNEL_BLOCK}] __attribute__((aligned(64)));
-    #pragma omp for schedule(static)
-    for (long i = i0; i < i1; i++) {{
-      for (long c0 = 0; c0 < C; c0 += {CHANNEL_BLOCK}) {{
-        for (long j = 0; j < nW; j++) {{
-          const float* mp = M + ((i - i0) * nW + j) * {t * t} * C + c0;
-          for (int a = 0; a < {m}; a++) for (int l = 0; l < {t}; l++) for (int c = 0; c < {CHANNEL_BLOCK}; c++) {{
-            float s = 0.f;
-            for (int k = 0; k < {t}; k++) s += AT{m}[a][k] * mp[(k * {t} + l) * C + c];
-            tmp[a][l][c] = s;
-          }}
-          for (int a = 0; a < {m}; a++) for (int b = 0; b < {m}; b++) {{
-            float* o = st + (a * Wp + j * {m} + b) * {CHANNEL_BLOCK};
-            for (int c = 0; c < {CHANNEL_BLOCK}; c++) {{
-              float s = bias ? bias[c0 + c] : 0.f;
-              for (int l = 0; l < {t}; l++) s += AT{m}[b][l] * tmp[a][l][c];
-              o[c] = s;
-            }}
-          }}
-        }}
-        for (int a = 0; a < {m} && i * {m} + a < H; a++)
-          for (int c = 0; c < {CHANNEL_BLOCK}; c++) {{
-            float* row = y + ((c0 + c) * H + i * {m} + a) * W;
-            const float* s = st + a * Wp * {CHANNEL_BLOCK} + c;
-            for (long q = 0; q < W; q++) row[q] = s[q * {CHANNEL_BLOCK}];
-          }}
-      }}
-    }}
-    free(st);
-  }}
+static inline void at{m}_1d(const v16* d, v16* o) {{
+  {_linear_code(at.tolist(), "d", "o", m)}
 }}""")
+        out.append(_CONV.format(m=m, t=t))
+        out.append("#undef bt_1d\n#undef at_1d")
     return "\n".join(out) + "\n"
 
 
-def _cpu_flags() -> str:
-    try:
-        return next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    except OSError:  # pragma: no cover - non-Linux
-        return ""
-
-
-def winograd_library():
-    """The compiled transform kernels (ctypes.CDLL), building them on first use; None without gcc/OpenMP."""
-    with _lock:
-        if _lib:
-            return _lib[0]
-        src = _c_source()
-        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]  # -march=native: key includes CPU flags
-        key = hashlib.sha256((src + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kl_autoencoder"
-        so = cache / f"winograd_{key}.so"
-        lib = None
-        try:
-            if not so.exists():
-                cache.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                    (Path(tmp) / "w.c").write_text(src)
-                    subprocess.run(["gcc", *flags, "w.c", "-o", "w.so"], cwd=tmp, check=True, capture_output=True, timeout=120)
-                    os.replace(Path(tmp) / "w.so", so)  # atomic: a parallel process sees all or nothing
-            lib = ctypes.CDLL(str(so))
-            i64, ptr = ctypes.c_long, ctypes.c_void_p
-            for m in (4, 6):
-                for name in (f"wino{m}_in_nchw", f"wino{m}_out_nchw"):
-                    fn = getattr(lib, name)
-                    fn.restype = None
-                    fn.argtypes = [ptr, ptr] + ([ptr] if "_out" in name else []) + [i64] * 6 + [ctypes.c_int]
-        except (OSError, subprocess.SubprocessError):
-            lib = None  # no compiler / no OpenMP: NNPACK or eager instead
-        _lib.append(lib)
-        return lib
+def winograd_library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use, ``cbuild.py``); None without gcc/OpenMP."""
+    i64, ptr = ctypes.c_long, ctypes.c_void_p
+    sig = (None, [ptr] * 6 + [ctypes.c_int] + [i64] * 4 + [ctypes.c_int, i64, i64, ctypes.c_int])
+    return build("winograd", _c_source(), {f"wino{m}_conv": sig for m in (4, 6)})
 
 
 class _Cache(dict):
-    """Per-module transformed weights; copies and pickles as empty (rebuilt on next use; oneDNN-packed tensors can't be)."""
+    """Per-module transformed weights; copies and pickles as empty (rebuilt on next use)."""
 
     def __deepcopy__(self, memo) -> "_Cache":
         return _Cache()
@@ -204,68 +237,66 @@ class _Cache(dict):
         return (_Cache, ())
 
 
-def _prepacked_ok() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-def _weights(conv: nn.Conv2d, m: int, rows: int, n_w: int):
-    """Transformed weights ``G g G^T`` as a grouped 1x1 kernel (t*t*C_out, C_in, 1, 1), oneDNN-packed for a band shape.
+def packed_weights(conv: nn.Conv2d, m: int) -> torch.Tensor:
+    """``G g G^T`` as (t*t, C_out/64 blocks of (C_in, 64)), the layout the micro-kernel streams.
 
     Cached on the module (not a parameter or buffer: the state dict is unchanged); rebuilt when the
     weight tensor is replaced or modified in place (its data pointer or version counter changes).
+    t*t/9 = 7.1x the size of the weight (memory cost in docs/benchmarks.md).
     """
     w = conv.weight
     key = (w.data_ptr(), None if w.is_inference() else w._version, m)  # inference tensors have no version counter
     cache = conv.__dict__.get("_fastconv_cache")
-    if not cache or cache["key"] != key:
-        cache = _Cache(key=key, u=None, packed={})
-        conv.__dict__["_fastconv_cache"] = cache
-    shape, t2, (co, ci) = (rows, n_w), (m + 2) ** 2, w.shape[:2]
-    if shape in cache["packed"]:
-        return None, cache["packed"][shape]
-    u = cache["u"]
-    if u is None:
-        _, g, _ = winograd_matrices(m)
-        u = (g @ w.detach().double() @ g.T).float()  # (C_out, C_in, t, t) = G g G^T, rounded once
-        u = u.permute(2, 3, 0, 1).reshape(t2 * co, ci, 1, 1).contiguous()  # group a*t+b: (C_out, C_in)
-    if not _prepacked_ok():
-        cache["u"] = u
-        return u, None
-    # only one packed copy is kept, for the latest band shape (t*t/9 = 7.1x the weight's size: memory
-    # cost in docs/benchmarks.md); another image size repacks (~0.1 s per 512-channel layer)
-    cache["packed"] = {shape: torch.ops.mkldnn._reorder_convolution_weight(u, [0, 0], [1, 1], [1, 1], t2, [1, t2 * ci, rows, n_w])}
-    return None, cache["packed"][shape]
+    if cache and cache["key"] == key:
+        return cache["u"]
+    _, g, _ = winograd_matrices(m)
+    co, ci = w.shape[:2]
+    u = (g @ w.detach().double() @ g.T).float()  # (C_out, C_in, t, t) = G g G^T, rounded once
+    u = u.permute(2, 3, 1, 0).reshape((m + 2) ** 2, ci, co)  # (t*t, C_in, C_out)
+    blocks = [u[:, :, n0 : n0 + 64].reshape((m + 2) ** 2, -1) for n0 in range(0, co, 64)]  # each (t*t, C_in * w)
+    u = torch.cat(blocks, 1).contiguous()  # (t*t, C_out * C_in)
+    conv.__dict__["_fastconv_cache"] = _Cache(key=key, u=u)
+    return u
 
 
-def winograd_conv2d(conv: nn.Conv2d, x: torch.Tensor, m: int = TILE) -> torch.Tensor:
-    """``conv(x)`` for a 3x3, stride-1, padding-1 conv by Winograd F(m x m, 3 x 3); (B, C_out, H, W) NCHW.
+def block_shape(h: int, w: int, ci: int, co: int, m: int = TILE) -> tuple[int, int]:
+    """(tile rows, tile columns) per block: V + M of its tiles within BLOCK_BYTES, at least MIN_BLOCK_TILES
+    tiles (each block streams all the transformed weights once), whole rows when the image is narrow."""
+    n_w = -(-w // m)
+    tiles = max(MIN_BLOCK_TILES, BLOCK_BYTES // ((m + 2) ** 2 * 4 * (ci + co)))
+    cols = min(n_w, tiles)
+    return min(-(-h // m), max(1, tiles // cols)), cols
 
-    NCHW in and out, like eager: the rest of the model stays in the layout it runs fastest in
-    (PyTorch's channels_last GroupNorm is 2x slower here, and mixed-layout adds 1.7x slower).
+
+def winograd_conv2d(
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    m: int = TILE,
+    *,
+    up: bool = False,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """``conv(pre(x))`` for a 3x3, stride-1, padding-1 conv by Winograd F(m x m, 3 x 3); (B, C_out, H, W) NCHW.
+
+    ``pre``: per channel ``x * scale + shift`` (``scale``/``shift`` (B, C_in) float32, or None), then
+    SiLU if ``silu``, then nearest 2x upsampling if ``up``; all applied while staging the input.
+    NCHW in and out, like eager: the rest of the model stays in the layout it runs fastest in.
     """
     lib = winograd_library()
     b, ci, h, w = x.shape
-    co, t2 = conv.out_channels, (m + 2) ** 2
-    n_h, n_w = -(-h // m), -(-w // m)
-    # equal bands of tile rows (the last one padded with zero rows): one packed weight and one oneDNN primitive
-    bands = max(1, -(-(n_h * n_w * t2 * max(ci, co) * 4) // BAND_BYTES))
-    rows = -(-n_h // bands)
-    u, packed = _weights(conv, m, rows, n_w)
-    x = x.contiguous()  # (B, C_in, H, W)
-    y = torch.empty(b, co, h, w)  # (B, C_out, H, W)
-    v = torch.empty(rows * n_w * t2 * ci)  # transformed input tiles of one band, (tiles, t*t, C_in)
+    hh, ww = (2 * h, 2 * w) if up else (h, w)
+    co = conv.out_channels
+    u = packed_weights(conv, m)
+    x = x.contiguous()  # (B, C_in, h, w)
+    y = torch.empty(b, co, hh, ww)  # (B, C_out, H, W)
     bias = conv.bias.detach().contiguous() if conv.bias is not None else None
-    nt = torch.get_num_threads()
-    f_in, f_out = getattr(lib, f"wino{m}_in_nchw"), getattr(lib, f"wino{m}_out_nchw")
+    if scale is not None:
+        scale, shift = scale.float().contiguous(), shift.float().contiguous()  # (B, C_in) each
+    fn = getattr(lib, f"wino{m}_conv")
     for k in range(b):
-        xp, yp = x.data_ptr() + k * x.stride(0) * 4, y.data_ptr() + k * y.stride(0) * 4
-        for i0 in range(0, bands * rows, rows):
-            f_in(xp, v.data_ptr(), h, w, ci, n_w, i0, i0 + rows, nt)
-            v4 = v.as_strided((1, t2 * ci, rows, n_w), (v.numel(), 1, n_w * t2 * ci, t2 * ci))  # channels_last view
-            if packed is not None:
-                mm = torch.ops.mkldnn._convolution_pointwise(v4, packed, None, [0, 0], [1, 1], [1, 1], t2, "none", [], "")
-            else:
-                mm = F.conv2d(v4, u, groups=t2)
-            mm = mm.contiguous(memory_format=torch.channels_last)  # (1, t*t*C_out, rows, nW) = (tiles, t*t, C_out)
-            f_out(mm.data_ptr(), yp, bias.data_ptr() if bias is not None else None, h, w, co, n_w, i0, i0 + rows, nt)
+        fn(x[k].data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, y[k].data_ptr(),
+           scale[k].data_ptr() if scale is not None else None, shift[k].data_ptr() if scale is not None else None,
+           int(silu), hh, ww, ci, co, int(up), *block_shape(hh, ww, ci, co, m), torch.get_num_threads())
     return y

@@ -1,0 +1,100 @@
+"""Build a C source generated at run time into a shared library, once per source and CPU, cached on disk.
+
+Why: the fast CPU kernels (``winograd.py``, ``groupnorm.py``) are C loops generated in Python with
+their constants (exact Winograd matrices) folded in. They are compiled with the system ``gcc -O3
+-march=native -fopenmp`` into ``~/.cache/kl_autoencoder/`` (``$XDG_CACHE_HOME`` honoured) the first
+time they are needed; the file name hashes the source, the flags and the CPU's feature flags, so a
+changed kernel or another CPU builds its own copy. OpenMP loops run on torch's own libgomp thread pool
+(the same runtime, checked in /proc/self/maps). Without gcc or OpenMP ``build`` returns None and the
+callers fall back (NNPACK, eager).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # -march=native: the key includes the CPU flags
+
+_lock = threading.Lock()
+_built: dict[str, ctypes.CDLL | None] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (``avx512f``, ``avx512_bf16``, ``amx_bf16``, ...); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:  # pragma: no cover - non-Linux
+        line = ""
+    return frozenset(line.partition(":")[2].split())
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kl_autoencoder"
+
+
+def build(name: str, source: str, signatures: dict[str, tuple[object, list]]) -> ctypes.CDLL | None:
+    """The library compiled from ``source`` (``name`` prefixes the cached file), with each function of
+    ``signatures`` (``{fn: (restype, argtypes)}``) declared; None when it cannot be built here."""
+    key = hashlib.sha256((source + " ".join(FLAGS) + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:16]
+    with _lock:
+        if key in _built:
+            return _built[key]
+        so = cache_dir() / f"{name}_{key}.so"
+        lib = None
+        try:
+            if not so.exists():
+                so.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+                    (Path(tmp) / "k.c").write_text(source)
+                    subprocess.run(["gcc", *FLAGS, "k.c", "-o", "k.so"], cwd=tmp, check=True, capture_output=True, timeout=300)
+                    os.replace(Path(tmp) / "k.so", so)  # atomic: a parallel process sees all or nothing
+            lib = ctypes.CDLL(str(so))
+            for fn, (restype, argtypes) in signatures.items():
+                getattr(lib, fn).restype = restype
+                getattr(lib, fn).argtypes = argtypes
+        except (OSError, subprocess.SubprocessError, AttributeError):
+            lib = None  # no compiler / no OpenMP / a kernel this compiler rejects: callers fall back
+        _built[key] = lib
+        return lib
+
+
+# Shared C prelude of the kernels: GCC vector types of 16 floats (one AVX-512 register; GCC splits them
+# on narrower CPUs), a vectorised exp (Cody-Waite reduction + degree-6 polynomial, Cephes expf: ~1 ulp)
+# and SiLU = x / (1 + exp(-x)) on them.
+PRELUDE = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <stdint.h>
+typedef float v16 __attribute__((vector_size(64), aligned(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64), aligned(64)));
+#define VL 16
+static inline v16 vset1(float s) { return (v16){} + s; }
+static inline v16 vload(const float* p) { return *(const v16u*)p; }
+static inline void vstore(float* p, v16 v) { *(v16u*)p = v; }
+static inline v16 vsel(i16v mask, v16 a, v16 b) { return (v16)(((i16v)a & mask) | ((i16v)b & ~mask)); }
+static inline v16 vexp(v16 x) {
+  x = vsel(x < 88.37626f, x, vset1(88.37626f));
+  x = vsel(x > -87.33654f, x, vset1(-87.33654f));
+  v16 fx = x * 1.44269504088896341f + 0.5f;          /* n = floor(x log2 e + 1/2) */
+  i16v n = __builtin_convertvector(fx, i16v);        /* truncates toward zero ... */
+  n += __builtin_convertvector(n, v16) > fx;         /* ... so step down where that rounded up (mask is -1) */
+  v16 nf = __builtin_convertvector(n, v16);
+  x = x - nf * 0.693359375f + nf * 2.12194440e-4f;   /* x - n ln 2, ln 2 split in two (Cody-Waite) */
+  v16 p = x * 1.9875691500E-4f + 1.3981999507E-3f;
+  p = p * x + 8.3334519073E-3f; p = p * x + 4.1665795894E-2f;
+  p = p * x + 1.6666665459E-1f; p = p * x + 5.0000001201E-1f;
+  p = p * x * x + x + 1.0f;
+  return p * (v16)((n + 127) << 23);                 /* 2^n from its float bits */
+}
+static inline v16 vsilu(v16 x) { return x / (1.0f + vexp(-x)); }
+"""
