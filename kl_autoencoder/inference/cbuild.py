@@ -97,4 +97,17 @@ static inline v16 vexp(v16 x) {
   return p * (v16)((n + 127) << 23);                 /* 2^n from its float bits */
 }
 static inline v16 vsilu(v16 x) { return x / (1.0f + vexp(-x)); }
+/* per-thread scratch, kept across calls and grown on demand: multi-MB buffers allocated per call would be
+   page-faulted in at every call (~1.5 us per 4 KiB page on the VM measured, docs/benchmarks.md) */
+static __thread char* scratch_buf;
+static __thread size_t scratch_cap;
+static void* scratch(size_t bytes) {
+  if (bytes > scratch_cap) {
+    free(scratch_buf);
+    scratch_cap = (bytes + 4095) & ~(size_t)4095;
+    scratch_buf = (char*)aligned_alloc(64, scratch_cap);
+    memset(scratch_buf, 0, scratch_cap);
+  }
+  return scratch_buf;
+}
 """

@@ -97,18 +97,18 @@ void gn_affine_nhwc_bf16(const uint16_t* x, long HW, long C, long G, const float
   #pragma omp parallel num_threads(nt)
   {
     double* a = (double*)calloc(2 * C, sizeof(double));
-    v16* v = (v16*)aligned_alloc(64, 2 * nv * 64);
     #pragma omp for schedule(static)
-    for (long p0 = 0; p0 < HW; p0 += 256) {
-      long p1 = p0 + 256 < HW ? p0 + 256 : HW;
-      for (long j = 0; j < 2 * nv; j++) v[j] = vset1(0.f);
-      for (long p = p0; p < p1; p++)
-        for (long j = 0; j < nv; j++) { v16 d = bf16_load(x + p * C + 16 * j) - vload(Kc + 16 * j); v[j] += d; v[nv + j] += d * d; }
-      for (long j = 0; j < nv; j++) for (int l = 0; l < 16; l++) { a[16 * j + l] += v[j][l]; a[C + 16 * j + l] += v[nv + j][l]; }
+    for (long p0 = 0; p0 < HW; p0 += 64) {  /* 64 pixels (<= 64 KiB) per chunk, one vector of channels at a time */
+      long p1 = p0 + 64 < HW ? p0 + 64 : HW;
+      for (long j = 0; j < nv; j++) {
+        v16 k = vload(Kc + 16 * j), v1 = vset1(0.f), v2 = vset1(0.f);
+        for (long p = p0; p < p1; p++) { v16 d = bf16_load(x + p * C + 16 * j) - k; v1 += d; v2 += d * d; }
+        for (int l = 0; l < 16; l++) { a[16 * j + l] += v1[l]; a[C + 16 * j + l] += v2[l]; }
+      }
     }
     #pragma omp critical
     for (long c = 0; c < 2 * C; c++) s[c] += a[c];
-    free(a); free(v);
+    free(a);
   }
   double* s1 = (double*)calloc(2 * G, sizeof(double)); double* s2 = s1 + G;
   for (long c = 0; c < C; c++) { s1[c / cg] += s[c]; s2[c / cg] += s[C + c]; }

@@ -29,7 +29,8 @@ from .cbuild import PRELUDE, build
 TILE = 6  # output tile m of F(m x m, 3 x 3); 4 is also compiled (more accurate, 4x instead of 5.06x fewer multiplies)
 CHANNEL_BLOCK = 16  # channels per vector (one AVX-512 register); C_in and C_out must be divisible by it
 BLOCK_BYTES = 3 << 19  # V + M of one block of tiles (1.5 MiB): within a core's L2 (2 MiB here, 1 MiB on Zen 4/5) ...
-MIN_BLOCK_TILES = 12  # ... but at least this many tiles: each block streams all t*t*C_in*C_out transformed weights
+MIN_BLOCK_TILES = 12  # ... but at least this many tiles, and C_in * C_out / WEIGHT_REUSE: each block streams all
+WEIGHT_REUSE = 2048  # t*t*C_in*C_out transformed weights from L3 (512 channels: 64 MiB)
 ROWS = 6  # tiles per micro-kernel call (register block 6 x 64 outputs: 24 accumulators)
 # Interpolation points (Lavin & Gray 2016; NNPACK/wincnn use the same): 0, +-1, +-2 (, +-1/2) and infinity.
 _POINTS = {4: (0, 1, -1, 2, -2), 6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
@@ -88,30 +89,62 @@ static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M
   for (int r = 0; r < 6; r++) for (int j = 0; j < {nw}; j++) *(v16*)(M + r * ldm + 16 * j) = c[r][j];
 }}"""
 
+
+# Moving 16 channels between NCHW rows and the kernel's (column, 16 channels) staging. (16 x 16 register
+# transposes with AVX-512 shuffles measured no faster than these loops: docs/benchmarks.md.)
+_STAGING = r"""
+static inline v16 pre(v16 v, const float* scale, v16 a, v16 b, int silu) {
+  if (scale) v = v * a + b;
+  return silu ? vsilu(v) : v;
+}
+/* staged columns q in [0, ncols) of one row: image column col = q0 + q (zero outside [0, W)), read from the
+   row xr of 16 channels (stride HWin), at col >> 1 when up (nearest 2x), then the prologue */
+static void stage_row(const float* xr, long HWin, long W, long q0, long ncols, int up, float* srow,
+                      const float* scale, v16 a, v16 b, int silu) {
+  for (long q = 0; q < ncols; q++) {
+    long col = q0 + q;
+    v16 v = vset1(0.f);
+    if (col >= 0 && col < W) {
+      const float* p = xr + (up ? col >> 1 : col);
+      for (int c = 0; c < 16; c++) v[c] = p[c * HWin];
+      v = pre(v, scale, a, b, silu);
+    }
+    *(v16*)(srow + q * 16) = v;
+  }
+}
+/* ncol staged outputs sr (column, 16 channels) -> 16 NCHW rows yr (stride HW) */
+static void write_row(const float* sr, float* yr, long HW, long ncol) {
+  for (int c = 0; c < 16; c++)
+    for (long j = 0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c];
+}
+"""
+
 # One conv for one image. x: (C_in, Hin, Win) with Hin = H/2 (Win = W/2) when up, else H (W); U: packed
 # transformed weights (t*t, C_out/64 blocks, C_in, 64); y: (C_out, H, W). scale/shift (C_in) or NULL: input
 # staging computes silu?(x * scale + shift); the zero padding stays zero (it pads the conv's input).
 _CONV = """
 void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, const float* scale, const float* shift,
-                  int silu, long H, long W, long Ci, long Co, int up, long R, long T, int nt) {{
+                  int silu, long H, long W, long Ci, long Co, int up, long R, long T, long P, int nt) {{
   const long m = {m}, t = {t}, tt = {t} * {t};
   long nH = (H + m - 1) / m, nW = (W + m - 1) / m, nseg = (nW + T - 1) / T, nband = (nH + R - 1) / R;
   long Tp = (R * T + 5) / 6 * 6, Hin = up ? H / 2 : H, Win = up ? W / 2 : W, SW = m * T + 2, HWin = Hin * Win, HW = H * W;
-  long SR = R * m + 2;
+  long SR = R * m + 2, CoP = (Co / P + 63) / 64 * 64;
   /* frequency planes of V and M: padded by one cache line, so that the t*t lines of one tile do not all
      fall in the same L1 set (plane sizes are multiples of 4 KiB) */
   long fv = Tp * Ci + 16, fm = Tp * Co + 16;
   #pragma omp parallel num_threads(nt)
   {{
-    float* V = (float*)aligned_alloc(64, tt * fv * 4);
-    float* M = (float*)aligned_alloc(64, tt * fm * 4);
-    float* st = (float*)aligned_alloc(64, SR * SW * 16 * 4);
-    float* ost = (float*)aligned_alloc(64, R * m * m * T * 16 * 4);
-    memset(V, 0, tt * fv * 4);  /* rows past a block's last tile feed products that are never read */
+    /* rows of V past a block's last tile feed products that are never read: no need to clear them */
+    float* V = (float*)scratch((tt * (fv + fm) + SR * SW * 16 + R * m * m * T * 16) * 4);
+    float* M = V + tt * fv;
+    float* st = M + tt * fm;
+    float* ost = st + SR * SW * 16;
     #pragma omp for schedule(dynamic, 1)
-    for (long it = 0; it < nband * nseg; it++) {{
-      /* a block: tile rows [i0, i0 + nr), tile columns [j0, j0 + n); tile (rr, j) is row rr * n + j of V and M */
-      long i0 = (it / nseg) * R, j0 = (it % nseg) * T;
+    for (long it = 0; it < nband * nseg * P; it++) {{
+      /* a block: tile rows [i0, i0 + nr), tile columns [j0, j0 + n); tile (rr, j) is row rr * n + j of V and M;
+         output channels [o0, o1): small images split the channels, not the tiles, between threads */
+      long blk = it / P, o0 = (it % P) * CoP, o1 = o0 + CoP < Co ? o0 + CoP : Co;
+      long i0 = (blk / nseg) * R, j0 = (blk % nseg) * T;
       long nr = nH - i0 < R ? nH - i0 : R, n = nW - j0 < T ? nW - j0 : T, nt_ = nr * n;
       long r0 = i0 * m - 1, q0 = j0 * m - 1, ncols = n * m + 2, nrows = nr * m + 2;
       /* input: stage 16 channels of the block's rows as (row, col, 16), then transform each tile */
@@ -122,18 +155,7 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
           long r = r0 + k;
           float* srow = st + k * SW * 16;
           if (r < 0 || r >= H) {{ memset(srow, 0, ncols * 64); continue; }}
-          const float* xr = xc + (up ? r >> 1 : r) * Win;
-          for (long q = 0; q < ncols; q++) {{
-            long col = q0 + q;
-            v16 v = vset1(0.f);
-            if (col >= 0 && col < W) {{
-              const float* p = xr + (up ? col >> 1 : col);
-              for (int c = 0; c < 16; c++) v[c] = p[c * HWin];
-              if (scale) v = v * a + b;
-              if (silu) v = vsilu(v);
-            }}
-            *(v16*)(srow + q * 16) = v;
-          }}
+          stage_row(xc + (up ? r >> 1 : r) * Win, HWin, W, q0, ncols, up, srow, scale, a, b, silu);
         }}
         for (long jj = 0; jj < nt_; jj++) {{
           long rr = jj / n, j = jj % n;
@@ -155,7 +177,7 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
       /* products: M[f] (tiles, Co) = V[f] (tiles, Ci) @ U[f] (Ci, Co), 6 tiles x 64 channels per micro-kernel */
       for (int f = 0; f < tt; f++) {{
         const float* Vf = V + f * fv; const float* Uf = U + f * Ci * Co; float* Mf = M + f * fm;
-        for (long n0 = 0; n0 < Co; n0 += 64) {{
+        for (long n0 = o0; n0 < o1; n0 += 64) {{
           long w = Co - n0 < 64 ? Co - n0 : 64;
           const float* Ub = Uf + n0 * Ci;
           for (long j = 0; j < nt_; j += 6) {{
@@ -168,7 +190,7 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
       }}
       /* output: transform 16 channels of each tile, + bias, stage as (row, col, 16), write NCHW rows */
       long ncol = W - j0 * m < n * m ? W - j0 * m : n * m;
-      for (long c0 = 0; c0 < Co; c0 += 16) {{
+      for (long c0 = o0; c0 < o1; c0 += 16) {{
         v16 bv = bias ? vload(bias + c0) : vset1(0.f);
         for (long jj = 0; jj < nt_; jj++) {{
           long rr = jj / n, j = jj % n;
@@ -187,20 +209,16 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
           }}
         }}
         for (long r = 0; r < nr * m && i0 * m + r < H; r++) {{
-          float* yr = y + c0 * HW + (i0 * m + r) * W + j0 * m;
-          const float* sr = ost + r * m * T * 16;
-          for (int c = 0; c < 16; c++)
-            for (long q = 0; q < ncol; q++) yr[c * HW + q] = sr[q * 16 + c];
+          write_row(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
         }}
       }}
     }}
-    free(V); free(M); free(st); free(ost);
   }}
 }}"""
 
 
 def _c_source() -> str:
-    out = [PRELUDE]
+    out = [PRELUDE, _STAGING]
     for nw in (1, 2, 3, 4):
         out.append(_MICRO_KERNEL.format(nw=nw, w=16 * nw))
     for m in (4, 6):
@@ -223,7 +241,7 @@ static inline void at{m}_1d(const v16* d, v16* o) {{
 def winograd_library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use, ``cbuild.py``); None without gcc/OpenMP."""
     i64, ptr = ctypes.c_long, ctypes.c_void_p
-    sig = (None, [ptr] * 6 + [ctypes.c_int] + [i64] * 4 + [ctypes.c_int, i64, i64, ctypes.c_int])
+    sig = (None, [ptr] * 6 + [ctypes.c_int] + [i64] * 4 + [ctypes.c_int, i64, i64, i64, ctypes.c_int])
     return build("winograd", _c_source(), {f"wino{m}_conv": sig for m in (4, 6)})
 
 
@@ -259,13 +277,20 @@ def packed_weights(conv: nn.Conv2d, m: int) -> torch.Tensor:
     return u
 
 
-def block_shape(h: int, w: int, ci: int, co: int, m: int = TILE) -> tuple[int, int]:
-    """(tile rows, tile columns) per block: V + M of its tiles within BLOCK_BYTES, at least MIN_BLOCK_TILES
-    tiles (each block streams all the transformed weights once), whole rows when the image is narrow."""
-    n_w = -(-w // m)
-    tiles = max(MIN_BLOCK_TILES, BLOCK_BYTES // ((m + 2) ** 2 * 4 * (ci + co)))
+def block_shape(h: int, w: int, ci: int, co: int, threads: int, m: int = TILE) -> tuple[int, int, int]:
+    """(tile rows, tile columns, output-channel parts) per work item of the kernel.
+
+    A block's V + M should stay within BLOCK_BYTES (L2), but every block streams all t*t*C_in*C_out
+    transformed weights, so it gets at least MIN_BLOCK_TILES tiles and C_in*C_out/WEIGHT_REUSE (512
+    channels: 128 tiles). Narrow images take whole tile rows; when there are fewer blocks than 2 per
+    thread, the output channels are split instead (64 at least per part)."""
+    n_h, n_w = -(-h // m), -(-w // m)
+    tiles = max(MIN_BLOCK_TILES, ci * co // WEIGHT_REUSE, BLOCK_BYTES // ((m + 2) ** 2 * 4 * (ci + co)))
     cols = min(n_w, tiles)
-    return min(-(-h // m), max(1, tiles // cols)), cols
+    rows = min(n_h, max(1, tiles // cols))
+    blocks = -(-n_h // rows) * -(-n_w // cols)
+    parts = 1 if threads == 1 or blocks >= 2 * threads else min(-(-co // 64), -(-2 * threads // blocks))
+    return rows, cols, parts
 
 
 def winograd_conv2d(
@@ -295,8 +320,9 @@ def winograd_conv2d(
     if scale is not None:
         scale, shift = scale.float().contiguous(), shift.float().contiguous()  # (B, C_in) each
     fn = getattr(lib, f"wino{m}_conv")
+    nt = torch.get_num_threads()
     for k in range(b):
         fn(x[k].data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, y[k].data_ptr(),
            scale[k].data_ptr() if scale is not None else None, shift[k].data_ptr() if scale is not None else None,
-           int(silu), hh, ww, ci, co, int(up), *block_shape(hh, ww, ci, co, m), torch.get_num_threads())
+           int(silu), hh, ww, ci, co, int(up), *block_shape(hh, ww, ci, co, nt, m), nt)
     return y
