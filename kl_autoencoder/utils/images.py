@@ -7,9 +7,10 @@ message naming the file and the problem.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -67,27 +68,37 @@ def load_image(path: str | Path, *, min_size: int = 1) -> Image.Image:
     """
     path = Path(path)
     try:
+        return _open_rgb(path, str(path), min_size)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+
+
+def load_image_bytes(data: bytes, name: str, *, min_size: int = 1) -> Image.Image:
+    """``load_image`` for bytes already in memory (a tar member); errors name ``name`` (e.g. ``00000.tar/key.jpg``)."""
+    return _open_rgb(io.BytesIO(data), name, min_size)
+
+
+def _open_rgb(fp: Path | BinaryIO, name: str, min_size: int) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {img.width}x{img.height} is over the {MAX_PIXELS:,}-pixel limit")
+                    raise ImageError(f"{name}: {img.width}x{img.height} is over the {MAX_PIXELS:,}-pixel limit")
                 img.load()  # decode now: truncated files fail here, not later in a worker
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)
-    except ImageError:
+    except (ImageError, FileNotFoundError):
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: too large ({e})") from None
+        raise ImageError(f"{name}: too large ({e})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
+        raise ImageError(f"{name}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{path}: unreadable image ({msg})") from None
+        raise ImageError(f"{name}: unreadable image ({msg})") from None
     if min(rgb.size) < min_size:
-        raise ImageError(f"{path}: {rgb.width}x{rgb.height} is smaller than {min_size} pixels on a side")
+        raise ImageError(f"{name}: {rgb.width}x{rgb.height} is smaller than {min_size} pixels on a side")
     return rgb
 
 
