@@ -211,7 +211,7 @@ def test_metadata_table_captions(micro_vae, tmp_path, kind):
     assert ds.manifest["counts"]["no_caption"] == 2  # c.png (no row) and sub/e.png (no caption column)
 
 
-def test_metadata_table_errors_name_file_and_line(micro_vae, tmp_path):
+def test_metadata_table_errors_name_file_and_line(micro_vae, tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()
     photo(0).save(data / "a.png")
@@ -219,9 +219,12 @@ def test_metadata_table_errors_name_file_and_line(micro_vae, tmp_path):
     with pytest.raises(InputError, match=r"metadata.jsonl line 2: not JSON"):
         encode_dataset(micro_vae, data, tmp_path / "out", resolution=32, num_workers=0, progress=False)
     (data / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"file_name": "gone.png", "text": "listed only"}\n')
-    r = encode_dataset(micro_vae, data, tmp_path / "out", resolution=32, num_workers=0, progress=False)
+    capfd.readouterr()
+    r = encode_dataset(micro_vae, data, tmp_path / "out", resolution=32, num_workers=0)
     m = read_manifest(tmp_path / "out")
     assert r.n_samples == 1 and m["skipped"][0]["path"] == "gone.png" and "listed in a metadata table" in m["skipped"][0]["reason"]
+    err = capfd.readouterr().err
+    assert "2/2" in err and "img/s" in err and "skipped=1" in err  # the progress bar of a folder: a total, rate, skips
 
 
 def test_sidecar_captions_and_recaption_without_reencoding(micro_vae, tmp_path):

@@ -151,10 +151,7 @@ def encode_dataset(
         raise InputError("--shard-size and --batch-size must be >= 1")
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    store = resolve_dtype(dtype)
-    variants = Variants.make(resolution, buckets, flip)
-    source = open_source(data, caption_key)
-    out = Path(out)
+    store, variants, source = resolve_dtype(dtype), Variants.make(resolution, buckets, flip), open_source(data, caption_key)
     # cpu=True on a machine without CUDA: accelerate then forms a gloo group from torchrun/mpirun's env
     # (WORLD_SIZE, LOCAL_RANK) instead of silently running every process as rank 0 of 1
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -163,16 +160,31 @@ def encode_dataset(
     if engine == "default" and next(vae.parameters()).device != state.device:
         vae = vae.to(state.device)
     t0 = time.perf_counter()
-    job = Job(vae, out, source, variants, cache_identity(vae, variants, dtype), store, state.device,
+    job = Job(vae, Path(out), source, variants, cache_identity(vae, variants, dtype), store, state.device,
               state.process_index, state.num_processes, {"tiling": tiling, "tile_size": tile_size})
     if state.is_main_process:
-        prepare_out(out, job.identity, overwrite)
+        prepare_out(job.out, job.identity, overwrite)
     state.wait_for_everyone()
+    part = _run_share(job, engine, shard_size, batch_size, num_workers, progress, ray)
+    save_json(part, job.out / f"part-r{job.rank:03d}.json")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        c = _merge(vae, job.out, job.world, job.identity, variants, dtype, source, model_name)["counts"]
+        log.info("encode: %d samples (%d encoded, %d unchanged, %d skipped) in %.1f s -> %s", c["samples"],
+                 c["encoded"], c["unchanged"], c["skipped"], time.perf_counter() - t0, job.out / "manifest.json")
+    state.wait_for_everyone()
+    c = json.loads((job.out / "manifest.json").read_text())["counts"]
+    return EncodeResult(job.out, c["inputs"], c["samples"], c["encoded"], c["unchanged"], c["skipped"],
+                        time.perf_counter() - t0, c["recaptioned"], c["no_caption"])
 
-    known = Known(out, job.rank)
-    writer = ShardWriter(out, job.rank, known.next_seq, shard_size, job.identity)
+
+def _run_share(job: Job, engine: str, shard_size: int, batch_size: int, num_workers: int, progress: bool,
+               ray: RayOptions | None) -> dict[str, Any]:
+    """This process's share of the work, through ``engine``; returns its part of the manifest."""
+    known = Known(job.out, job.rank)
+    writer = ShardWriter(job.out, job.rank, known.next_seq, shard_size, job.identity)
     bar = progress_bar(job, progress)
-    collector = Collector(known, writer, variants, bar)
+    collector = Collector(known, writer, job.variants, bar)
     try:
         if engine == "ray":
             from .ray_engine import run_ray
@@ -183,17 +195,7 @@ def encode_dataset(
     finally:
         bar.close()
         written = writer.close()  # a kill lands anywhere; an exception still saves the finished samples
-    seconds = time.perf_counter() - t0
-    save_json(dict(collector.part(written), rank=job.rank, world_size=job.world), out / f"part-r{job.rank:03d}.json")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        c = _merge(vae, out, job.world, job.identity, variants, dtype, source, model_name)["counts"]
-        log.info("encode: %d samples (%d encoded, %d unchanged, %d skipped) in %.1f s -> %s",
-                 c["samples"], c["encoded"], c["unchanged"], c["skipped"], seconds, out / "manifest.json")
-    state.wait_for_everyone()
-    c = json.loads((out / "manifest.json").read_text())["counts"]
-    return EncodeResult(out, c["inputs"], c["samples"], c["encoded"], c["unchanged"], c["skipped"], seconds,
-                        c["recaptioned"], c["no_caption"])
+    return dict(collector.part(written), rank=job.rank, world_size=job.world)
 
 
 def _merge(vae, out: Path, world: int, identity: dict, variants: Variants, dtype: str, source: Source,
