@@ -157,6 +157,7 @@ def test_ray_actor_killed_mid_job_every_sample_once(ray_cluster, micro_vae, tmp_
     assert killed and killed[0] < len(m["shards"]), f"the kill did not land mid-job: {killed}, {len(m['shards'])} shards"
     valid = sorted(p for p in read_with_webdataset(spec) if p != "00001.tar/000010004")
     assert [s["path"] for s in m["samples"]] == valid and r.n_encoded == len(valid)  # every sample exactly once
+    assert m["counts"]["duplicates"] == 0  # not even delivered twice: nothing left for the Collector's guard to drop
     from safetensors import safe_open
 
     stored = []
