@@ -21,10 +21,26 @@ __version__ = "0.1.0"
 from .config import Config, ConfigError, list_presets, load_config
 from .convert import export, load, load_file, save_ldm
 from .errors import InputError, KLAutoencoderError
-from .evaluation import Fp16Report, check_fp16, elbo_bits_per_dim, evaluate, interpolate, psnr, score_images, slerp
+from .evaluation import (
+    Fp16Report,
+    check_fp16,
+    elbo_bits_per_dim,
+    evaluate,
+    interpolate,
+    psnr,
+    score_images,
+    slerp,
+)
 from .inference import check_latents, decode, encode, encode_moments, reconstruct
 from .inference import optimize as optimize_inference
-from .latents import BucketBatchSampler, LatentDataset, LatentStats, compute_latent_stats, encode_dataset, make_buckets
+from .latents import (
+    BucketBatchSampler,
+    LatentDataset,
+    LatentStats,
+    compute_latent_stats,
+    encode_dataset,
+    make_buckets,
+)
 from .latents import Transform as LatentTransform
 from .model import create, denormalize_latents, normalize_latents, num_parameters
 from .pipelines import IncompatibleVAEError, SwapReport, swap_vae

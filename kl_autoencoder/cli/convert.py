@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights dtype (default: as stored in a weights file IN; fp32 for a folder)")
     p.add_argument("--scaling-factor", type=float, default=None, help="set the latent scaling factor (default: from IN's metadata)")
     p.add_argument("--shift-factor", type=float, default=None, help="set the latent shift factor (default: from IN's metadata)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=run)
 
 
@@ -37,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         vae, info = read_vae(src, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
     dtype = args.dtype or DTYPE_NAMES.get(info["dtype"] or next(vae.parameters()).dtype, "fp32")
-    out = save_ldm(vae, args.output, dtype=dtype) if args.to == "ldm" else export(vae, args.output, dtype=dtype)
+    if args.to == "ldm":
+        out = save_ldm(vae, args.output, dtype=dtype, force=args.force)
+    else:
+        out = export(vae, args.output, dtype=dtype, force=args.force)
     c = vae.config
     print(
         f"{src} ({info['layout']}) -> {out} ({args.to}, {dtype}): channels {list(c.block_out_channels)}, "

@@ -11,7 +11,16 @@ from ..inference import check_latents
 from ..latents import decode_latents, read_latents
 from ..utils.images import tensor_to_pil
 from . import common
-from .common import MODEL_HELP, add_tiling_args, tiling_kwargs
+from .common import (
+    MODEL_HELP,
+    add_force_arg,
+    add_runtime_args,
+    add_tiling_args,
+    check_output,
+    positive_int,
+    runtime_kwargs,
+    tiling_kwargs,
+)
 
 Named = tuple[str, torch.Tensor]
 
@@ -28,13 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("latents", metavar="LATENTS", help="encode output folder, one shard, or a .safetensors/.pt tensor file")
     p.add_argument("out", metavar="OUT", help="output folder for PNGs")
     p.add_argument("--raw", action="store_true", help="tensor file holds raw VAE latents, not normalised ones")
-    p.add_argument("--batch-size", type=int, default=8, help="latents per decoder call (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="latents per decoder call (default 8)")
     add_tiling_args(p)
+    add_runtime_args(p)
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    check_output(args.out, args.force, folder=True)  # before any work
+    vae = common.resolve_model(args.model, **runtime_kwargs(args))
     items, cache = read_latents(args.latents)
     if cache:
         print(f"{args.latents}: an encode cache: decoding its stored posterior means as raw latents"

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
 from safetensors.torch import load_file, save_file
 
 from ..evaluation.metrics import bicubic_baseline, psnr_uint8, ssim_uint8
@@ -23,8 +22,15 @@ from ..model import create, num_parameters
 from ..pipelines import tiny_dit_pipeline
 from ..samples import sample_paths
 from ..utils.files import save_json
-from ..utils.images import fit_crop, load_image, pil_to_tensor, save_grid, tensor_to_uint8
+from ..utils.images import (
+    fit_crop,
+    load_image,
+    pil_to_tensor,
+    save_grid,
+    tensor_to_uint8,
+)
 from . import common
+from .common import non_negative_int
 
 
 def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
@@ -86,5 +92,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="a model path or preset (default: the shipped model)")
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--size", type=int, default=256, help="centre crop size after resizing the short side (0: full image)")
+    p.add_argument("--size", type=non_negative_int, default=256, help="centre crop size after resizing the short side (0: full image)")
     p.set_defaults(func=lambda a: run_demo(a.model, Path(a.out), a.size or None) and 0)

@@ -22,11 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["diffusers", "ldm"], default="diffusers", help="default: diffusers")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype (default fp32)")
     p.add_argument("--notes", default=None, help="text for the model card's 'How it was made' section")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
-    out = export(vae, args.out, format=args.format, dtype=args.dtype, notes=args.notes)
+    vae = common.resolve_model(args.model, device="cpu")
+    out = export(vae, args.out, format=args.format, dtype=args.dtype, notes=args.notes, force=args.force)
     print(f"wrote {out} ({args.format}, {args.dtype})")
     return 0

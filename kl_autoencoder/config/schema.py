@@ -108,6 +108,7 @@ class TrainConfig:
     ema_decay: float | None = None  # e.g. 0.9999 (sd-vae-ft-ema); None: no EMA
     decoder_only: bool = False  # freeze encoder + quant_conv (sd-vae-ft-mse)
     seed: int = 0
+    deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS, scatter-adds): exact resume on a GPU, slower
     log_every: int = 10
     image_every: int = 500
     eval_every: int = 1000

@@ -5,7 +5,13 @@ from .folder import update_config, vae_folder
 from .ldm_export import ldm_metadata, save_ldm
 from .ldm_keys import ConversionError, ldm_key, to_ldm_keys, to_ldm_state_dict
 from .load import load
-from .single_file import convert_state_dict, infer_config, infer_groups, load_file, read_vae
+from .single_file import (
+    convert_state_dict,
+    infer_config,
+    infer_groups,
+    load_file,
+    read_vae,
+)
 from .weight_files import CheckpointError, read_weights
 
 __all__ = [

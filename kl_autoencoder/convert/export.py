@@ -58,21 +58,25 @@ def export(
     dtype: str = "fp32",
     notes: str | None = None,
     name: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``vae`` for other tools; the model itself is not changed.
 
     ``format="diffusers"``: a folder with config.json, diffusion_pytorch_model.safetensors and a
     README.md model card, loadable by ``AutoencoderKL.from_pretrained``. ``format="ldm"``: one
     .safetensors file in CompVis/LDM key layout (ComfyUI, AUTOMATIC1111). ``dtype``: fp32, fp16, bf16.
+    An existing output is refused (FileExistsError) unless ``force``, which replaces it file by file.
     """
     torch_dtype = resolve_dtype(dtype)
     out = Path(out)
     if format == "ldm":
-        return save_ldm(vae, out, dtype=dtype)
+        return save_ldm(vae, out, dtype=dtype, force=force)
     if format != "diffusers":
         raise InputError(f"format {format!r}: choose diffusers or ldm")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: exists and is not empty; choose another output, or pass --force (force=True) to replace it")
     half = copy.deepcopy(vae)
     for t in list(half.parameters()) + list(half.buffers()):  # cast tensors, not the module: no diffusers upcast warning
         if t.is_floating_point():

@@ -26,7 +26,7 @@ def ldm_metadata(config: Any) -> dict[str, str]:
     return meta
 
 
-def save_ldm(vae: AutoencoderKL, out: str | Path, *, dtype: str = "fp32") -> Path:
+def save_ldm(vae: AutoencoderKL, out: str | Path, *, dtype: str = "fp32", force: bool = False) -> Path:
     """Write ``vae`` as one LDM-layout .safetensors (ComfyUI, AUTOMATIC1111); returns the path written.
 
     The metadata keeps scaling/shift factor, GroupNorm groups and activation, which ``load_file`` reads back.
@@ -37,6 +37,8 @@ def save_ldm(vae: AutoencoderKL, out: str | Path, *, dtype: str = "fp32") -> Pat
         out = out.with_name(out.name + ".safetensors")
     if out.suffix.lower() != ".safetensors" or out.is_dir():
         raise InputError(f"{out}: an LDM export is one .safetensors file; give a path ending in .safetensors")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: exists; choose another output, or pass --force (force=True) to replace it")
     tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in to_ldm_state_dict(vae).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:  # never a half-written file under the final name

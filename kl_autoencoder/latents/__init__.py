@@ -4,7 +4,13 @@ from .buckets import BucketBatchSampler, Transform, make_buckets
 from .dataset import LatentDataset
 from .files import decode_latents, read_latents
 from .format import FORMAT, CacheMismatchError, read_manifest
-from .stats import LatentStats, compute_latent_stats, stats_of_cache, stats_of_folder, write_factors
+from .stats import (
+    LatentStats,
+    compute_latent_stats,
+    stats_of_cache,
+    stats_of_folder,
+    write_factors,
+)
 from .writer import EncodeResult, encode_dataset
 
 __all__ = [

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..model import posterior
+from ..utils.devices import randn
 from ..utils.seeding import derive_seed
 from .format import read_manifest
 
@@ -86,7 +87,7 @@ class LatentDataset(Dataset):
         z = mean  # (C, h, w) raw
         if self.sample:
             g = torch.Generator().manual_seed(sample_seed(self.seed, index, self.epoch))
-            z = posterior.sample(mean, logvar, torch.randn(mean.shape, generator=g))
+            z = posterior.sample(mean, logvar, randn(tuple(mean.shape), g, mean.device))
         s = self.samples[index]
         return {
             "latents": (z - self.shift_factor) * self.scaling_factor,  # (C, h, w) normalised

@@ -24,6 +24,7 @@ from ..convert import update_config
 from ..errors import InputError
 from ..inference import encode_moments
 from ..model import posterior
+from ..utils.devices import randn
 from ..utils.images import ImageError, find_images, load_image, pil_to_tensor
 from .buckets import Transform
 from .dataset import LatentDataset
@@ -89,7 +90,7 @@ def latent_stats_from_moments(moments: Iterable[tuple[torch.Tensor, torch.Tensor
     for mean, logvar in moments:
         z = mean.float().cpu()  # (B, C, h, w) raw
         if sample:
-            z = posterior.sample(z, logvar.float().cpu(), torch.randn(z.shape, generator=g))
+            z = posterior.sample(z, logvar.float().cpu(), randn(tuple(z.shape), g, "cpu"))
         acc.add(z)
     return acc.result(shift)
 

@@ -112,8 +112,8 @@ def compare_vaes(current: AutoencoderKL, new: AutoencoderKL, images: torch.Tenso
     if report.current["downsample"] != report.new["downsample"]:
         report.problems.append(f"downsample factors differ ({report.current['downsample']} vs {report.new['downsample']})")
     kw = {"tiling": "never"}
-    z_cur = encode(current, images, **kw)  # (B, C, H/8, W/8) normalised: what the UNet was trained on
-    z_new = encode(new, images, **kw)
+    z_cur = encode(current, images, **kw).cpu()  # (B, C, H/8, W/8) normalised: what the UNet was trained on
+    z_new = encode(new, images, **kw).cpu()  # the two VAEs may sit on different devices
     report.current["latent_std"], report.new["latent_std"] = float(z_cur.std()), float(z_new.std())
     report.psnr_current = psnr(images, decode(current, z_cur, **kw).clamp(-1, 1))
     report.psnr_new = psnr(images, decode(new, z_new, **kw).clamp(-1, 1))
