@@ -35,11 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compression", action="store_true",
                    help="skip the compression figures (saves two decodes per image: fp16/bf16-rounded latents)")
     add_tiling_args(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    vae = common.resolve_model(args.model, **common.model_kwargs(args))
     r = evaluate(
         vae, args.data, args.output, size=args.size, limit=args.limit, lpips_weights=args.lpips_weights,
         inception_weights=args.inception_weights, compression=not args.no_compression, **tiling_kwargs(args),

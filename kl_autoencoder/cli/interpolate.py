@@ -28,13 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="slerp", help="slerp (default) or lerp")
     p.add_argument("--size", type=int, default=None, metavar="S", help="resize (short side S) and centre-crop both images to SxS")
     add_tiling_args(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise CLIError(f"--steps {args.steps}: need at least 2 (both ends are included)")
-    vae = common.resolve_model(args.model)
+    vae = common.resolve_model(args.model, **common.model_kwargs(args))
     xa, xb = as_one_image(args.a, args.a), as_one_image(args.b, args.b)
     xa, xb, note = match_sizes(xa, xb, args.size)
     print(f"sizes: {note}")

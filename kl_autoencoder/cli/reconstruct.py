@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="MODEL, as an option instead of the first argument")
     p.add_argument("--out", required=True, help="output folder")
     add_tiling_args(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         model_spec = inputs.pop(0)
     if not inputs:
         raise CLIError("reconstruct: give at least one image or folder")
-    vae = common.resolve_model(model_spec or args.model)
+    vae = common.resolve_model(model_spec or args.model, **common.model_kwargs(args))
     files = [f for spec in inputs for f in find_images(spec)]
     if not files:
         raise CLIError(f"reconstruct: no images found in {' '.join(inputs)}")

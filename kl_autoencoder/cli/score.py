@@ -38,11 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sample (default 0)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples averaged in rec_bpd (0: posterior mean; default 1)")
     p.add_argument("--lpips-weights", default=None, metavar="FILE", help="torchvision vgg16-397923af.pth (default: $TORCH_HOME/hub/checkpoints/)")
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    vae = common.resolve_model(args.model, **common.model_kwargs(args))
     files = find_images(args.data)
     if not files:
         raise CLIError(f"{args.data}: no images found (extensions: jpg, png, webp, bmp, tif)")

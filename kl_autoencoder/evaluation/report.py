@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..inference import decode, encode_moments
-from ..model import downsample_factor, model_summary, normalize_latents
+from ..model import model_summary, normalize_latents, size_multiple
 from ..utils.files import save_json, write_text
 from ..utils.images import ImageError, find_images, fit_crop, load_image, pil_to_tensor, save_grid, tensor_to_uint8
 from . import metrics
@@ -128,7 +128,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     lpips_fn, lpips_info = make_lpips(lpips_weights)
     fid, fid_info = make_fid(inception_weights)
-    f = downsample_factor(vae)
+    f = size_multiple(vae)  # 8; 16 for FLUX.2 (2x2 latent patches)
     kw = {"tiling": tiling, "tile_size": tile_size}
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
