@@ -118,7 +118,7 @@ def test_old_manifest_with_only_scalar_factors_still_reads(micro_vae_c16, tmp_pa
     assert (ds.scaling_factor, ds.shift_factor) == (1.5, 0.1)
 
 
-def test_per_channel_stats_measure_and_write(micro_vae, images, tmp_path, capsys):
+def test_per_channel_stats_measure_and_write(micro_vae, images, tmp_path):
     """`stats` measures per-channel mean/std (checked against torch here) and writes latents_mean/latents_std;
     the model then normalises those images to per-channel mean 0, std 1."""
     st = compute_latent_stats(micro_vae, [images[:1], images[1:]], sample=False)

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, InputTypeError
-from ..model import decode_raw, denormalize_latents, encoder_moments, normalize_latents, normalized_channels, posterior
-from ..model import size_multiple
+from ..model import decode_raw, denormalize_latents, encoder_moments, normalize_latents, normalized_channels, posterior, size_multiple
 from ..utils.images import as_image_batch
 from .malloc import reuse_freed_memory
 from .memory_plan import reuse_fits, tiling_plan
