@@ -4,8 +4,8 @@ The network is ``diffusers.AutoencoderKL``; this package is everything around it
 role. Imports run one way, each layer using only the layers before it:
 
     errors, settings, utils/, config/      shared pieces: error classes, switches, files, seeds, images, presets
-    model/                                 create a VAE; dtypes, latent normalisation, posterior, raw passes, shipped model
-    convert/                               weight files in and out: safe reading, LDM <-> diffusers keys, load, export
+    model/                                 create a VAE; dtypes, latent normalisation and families, posterior, raw passes, shipped model
+    convert/                               weight files in and out: safe reading, LDM <-> diffusers keys, hub ids, load, export
     inference/                             encode/decode/reconstruct, memory planning, tiling, fast CPU paths
     latents/                               latent caches: format, encode job, dataset, buckets, statistics
     evaluation/                            metrics, LPIPS, rFID, report, anomaly scores, precision checks, interpolation

@@ -31,11 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", choices=["auto", "native", "emulate"], default="auto",
                    help="real fp16 kernels, or fp32 math rounded to fp16 after every layer (auto: emulate on CPU, "
                    "where fp16 convolution is hundreds of times slower)")
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    vae = common.resolve_model(args.model, **common.model_kwargs(args))
     images = load_sample_images(args.images, args.size) if args.images else synthetic_images(size=args.size)
     report = check_fp16(vae, images, label=None if args.images else f"{len(images)} synthetic images, {args.size} px", fp16_mode=args.fp16)
     print(report.format())

@@ -1,4 +1,5 @@
-"""What every command shares: the MODEL argument, --tiling/--tile-size, and the one-line user error."""
+"""What every command shares: the MODEL argument (and --revision/--offline/--family), --tiling/--tile-size,
+and the one-line user error."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 from torch import nn
 
 from ..config import list_presets
-from ..convert import load
+from ..convert import load, looks_like_repo_id
 from ..errors import KLAutoencoderError
 from ..inference.runtime import prepare
-from ..model import create, default_model_path
+from ..model import FAMILIES, create, default_model_path
 from ..utils.images import IMAGE_EXTENSIONS
 
 MODEL_HELP = (
     "a diffusers VAE folder, a pipeline folder (its vae/), a weights file (.safetensors/.ckpt/.pt/.bin), "
+    "a Hugging Face Hub id org/name (a VAE repo, or a pipeline repo's vae/; cached as diffusers does), "
     "or a preset name (e.g. tiny-kl-f8) for freshly initialised, untrained weights"
 )
 
@@ -56,20 +58,45 @@ def _at_least(kind: type, text: str, low: int) -> int:
     return v
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--revision/--offline (hub ids) and --family (bare weight files), shared by every command with a MODEL."""
+    g = p.add_argument_group("MODEL options")
+    g.add_argument("--revision", default=None, help="hub id MODEL: a branch, tag or commit (default: main)")
+    g.add_argument("--offline", action="store_true",
+                   help="hub id MODEL: use the Hugging Face cache only, never the network (as HF_HUB_OFFLINE=1)")
+    g.add_argument("--family", choices=list(FAMILIES), default=None,
+                   help="set the latent factors and force_upcast of a published VAE family (for a bare weights file, "
+                   "whose factors cannot be told from its shapes: SD1 and SDXL, SD3 and FLUX.1 share architectures)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The ``resolve_model`` keyword arguments of ``add_model_args``' options."""
+    return {k: getattr(args, k, None) for k in ("revision", "offline", "family")}
+
+
+def _is_preset(spec: str) -> bool:
+    return spec in list_presets() or spec.endswith((".yaml", ".yml"))
+
+
 def resolve_model(spec: str | None, *, dtype: str | None = None, device: str | None = None, compile: bool = False,
-                  channels_last: bool = False) -> nn.Module:
-    """MODEL argument -> AutoencoderKL (a path, or a preset name meaning untrained weights), put where it runs
-    (``inference/runtime.py``: CUDA when available, else the CPU with the fast convolutions)."""
+                  channels_last: bool = False, revision: str | None = None, offline: bool | None = None,
+                  family: str | None = None) -> nn.Module:
+    """MODEL argument -> VAE (a path, a Hugging Face Hub id, or a preset name or YAML path meaning untrained
+    weights), put where it runs (``inference/runtime.py``: CUDA when available, else the CPU with the fast
+    convolutions, off with KL_AUTOENCODER_FASTCONV=0)."""
     if spec is None:
         spec = str(default_model_path())
     p = Path(spec)
-    if p.exists():
-        vae = load(p)
-    elif spec in list_presets() or spec.endswith((".yaml", ".yml")):
+    if p.exists() and not (p.is_file() and _is_preset(spec)):
+        vae = load(p, family=family)
+    elif _is_preset(spec):
         logging.getLogger("kl_autoencoder").warning("MODEL %s is a preset: using freshly initialised (untrained) weights", spec)
         vae = create(spec)
+    elif looks_like_repo_id(spec):
+        vae = load(spec, revision=revision, offline=offline, family=family)
     else:
-        raise CLIError(f"MODEL {spec}: no such folder or file, and not a preset ({', '.join(list_presets())})")
+        raise CLIError(f"MODEL {spec}: no such folder or file, not a Hugging Face Hub id (org/name), and not a preset "
+                       f"({', '.join(list_presets())})")
     return prepare(vae, device=device, dtype=dtype, compile=compile, channels_last=channels_last)
 
 
@@ -79,8 +106,10 @@ def looks_like_model(spec: str) -> bool:
     if p.is_dir():
         return (p / "config.json").is_file() or (p / "vae" / "config.json").is_file()
     if p.is_file():
-        return p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
-    return spec in list_presets() and p.suffix.lower() not in IMAGE_EXTENSIONS
+        return p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin", ".pth", ".yaml", ".yml")
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return False
+    return spec in list_presets() or looks_like_repo_id(spec)
 
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..evaluation.metrics import bicubic_baseline, psnr_uint8, ssim_uint8
 from ..inference import decode, encode, reconstruct
-from ..model import create, num_parameters
+from ..model import create, latent_normalization, num_parameters
 from ..pipelines import tiny_dit_pipeline
 from ..samples import sample_paths
 from ..utils.files import save_json
@@ -45,7 +45,7 @@ def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
             raise
         print("note: no shipped model found; using a freshly initialised tiny-kl-f8 (untrained: expect noise)")
         vae, source = create("tiny-kl-f8"), "untrained tiny-kl-f8"
-    print(f"model: {source} ({num_parameters(vae):,} parameters, scaling_factor {vae.config.scaling_factor})")
+    print(f"model: {source} ({num_parameters(vae):,} parameters, latents {latent_normalization(vae).describe()})")
     rows, results = [], []
     for path in sample_paths():
         img = fit_crop(load_image(path), size)  # the same crops as `eval --size`
@@ -72,7 +72,8 @@ def run_demo(model: str | None, out: Path, size: int | None = 256) -> dict:
     back = decode(vae, load_file(str(out / "latents.safetensors"))["latents"])
     print(f"latents {tuple(latents.shape)} std {float(latents.std()):.3f} -> file -> decoded {tuple(back.shape)}")
 
-    if not getattr(vae.config, "shift_factor", None):
+    norm = latent_normalization(vae)
+    if norm.kind == "scalar" and not norm.shift_factor:  # DiTPipeline decodes latents / scaling_factor only
         pipe = tiny_dit_pipeline(vae, image_size=64)
         imgs = pipe(class_labels=[0], num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images
         imgs[0].save(out / "dit_sample.png")

@@ -34,11 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes for decoding/resizing (0: in-process)")
     p.add_argument("--overwrite", action="store_true", help="delete a cache made with another model/transform/dtype in OUT")
     add_tiling_args(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model, dtype=args.model_dtype)
+    vae = common.resolve_model(args.model, dtype=args.model_dtype, **common.model_kwargs(args))
     res = encode_dataset(
         vae, args.data, args.out, resolution=args.resolution or 256, buckets=args.buckets, shard_size=args.shard_size,
         dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,

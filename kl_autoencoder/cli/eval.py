@@ -46,12 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_tiling_args(p)
     add_runtime_args(p)
     add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.force, folder=True)  # before any work
-    vae = common.resolve_model(args.model, **runtime_kwargs(args))
+    vae = common.resolve_model(args.model, **runtime_kwargs(args), **common.model_kwargs(args))
     r = evaluate(
         vae, args.data, args.output, size=args.size, limit=args.limit, lpips_weights=args.lpips_weights,
         inception_weights=args.inception_weights, compression=not args.no_compression, **tiling_kwargs(args),

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_tiling_args(p)
     add_runtime_args(p)
     add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, args.force, folder=False)  # before any work
     if args.steps < 2:
         raise CLIError(f"--steps {args.steps}: need at least 2 (both ends are included)")
-    vae = common.resolve_model(args.model, **runtime_kwargs(args))
+    vae = common.resolve_model(args.model, **runtime_kwargs(args), **common.model_kwargs(args))
     xa, xb = as_one_image(args.a, args.a), as_one_image(args.b, args.b)
     xa, xb, note = match_sizes(xa, xb, args.size)
     print(f"sizes: {note}")

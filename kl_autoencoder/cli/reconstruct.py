@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_tiling_args(p)
     add_runtime_args(p)
     add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         model_spec = inputs.pop(0)
     if not inputs:
         raise CLIError("reconstruct: give at least one image or folder")
-    vae = common.resolve_model(model_spec or args.model, **runtime_kwargs(args))
+    vae = common.resolve_model(model_spec or args.model, **runtime_kwargs(args), **common.model_kwargs(args))
     files = [f for spec in inputs for f in find_images(spec)]
     if not files:
         raise CLIError(f"reconstruct: no images found in {' '.join(inputs)}")

@@ -58,12 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lpips-weights", default=None, metavar="FILE", help="torchvision vgg16-397923af.pth (default: $TORCH_HOME/hub/checkpoints/)")
     add_runtime_args(p)
     add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.force, folder=False)  # before any work
-    vae = common.resolve_model(args.model, **runtime_kwargs(args))
+    vae = common.resolve_model(args.model, **runtime_kwargs(args), **common.model_kwargs(args))
     files = find_images(args.data)
     if not files:
         raise CLIError(f"{args.data}: no images found (extensions: jpg, png, webp, bmp, tif)")

@@ -26,11 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", nargs="+", default=None, metavar="IMAGE", help="images/folders for the check (default: synthetic images)")
     p.add_argument("--size", type=positive_int, default=128, help="check images are centre-cropped and resized to this (default 128)")
     p.add_argument("--copy", action="store_true", help="copy every file instead of hard-linking the large ones")
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.vae, device="cpu")  # the pipeline's own VAE is read on the CPU too
+    vae = common.resolve_model(args.vae, device="cpu", **common.model_kwargs(args))  # the pipeline's own VAE is read on the CPU too
     try:
         report = swap_vae(args.pipeline, vae, args.out, force=args.force, images=args.images or None, size=args.size,
                           link=not args.copy, show=lambda r: print(r.format(), flush=True))

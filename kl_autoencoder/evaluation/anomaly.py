@@ -39,19 +39,10 @@ from PIL import Image
 
 from ..errors import InputError
 from ..inference import decode, encode_moments
-from ..model import downsample_factor, kl_divergence, normalize_latents, posterior
+from ..model import kl_divergence, normalize_latents, posterior, size_multiple
 from ..utils.devices import seeded_randn
 from ..utils.files import atomic_path, save_json
-from ..utils.images import (
-    ImageError,
-    as_image_batch,
-    find_images,
-    fit_crop,
-    load_image,
-    pil_to_tensor,
-    tensor_to_pil,
-    tensor_to_uint8,
-)
+from ..utils.images import ImageError, as_image_batch, find_images, fit_crop, load_image, pil_to_tensor, tensor_to_pil, tensor_to_uint8
 from .lpips import make_lpips
 
 log = logging.getLogger("kl_autoencoder")
@@ -229,7 +220,7 @@ def score_images(
         raise InputError(f"sigma must be positive (pixels in [-1, 1]), got {sigma}")
     lpips_fn, lpips_info = make_lpips(lpips_weights)
     good, skipped = [], []
-    for name, img in _items(paths_or_images, size, downsample_factor(vae)):
+    for name, img in _items(paths_or_images, size, size_multiple(vae)):
         if isinstance(img, Exception):
             skipped.append(str(img) if str(img).startswith(name) else f"{name}: {img}")
             print(f"warning: skipped {skipped[-1]}", file=sys.stderr)

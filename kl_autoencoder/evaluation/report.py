@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..inference import decode, encode_moments
-from ..model import downsample_factor, model_summary, normalize_latents
+from ..model import model_summary, normalize_latents, size_multiple
 from ..utils.files import save_json, write_text
 from ..utils.images import (
     ImageError,
@@ -145,7 +145,7 @@ def _evaluate(vae: torch.nn.Module, data: str | Path, out: Path, files: list[Pat
 
     lpips_fn, lpips_info = make_lpips(lpips_weights)
     fid, fid_info = make_fid(inception_weights)
-    f = downsample_factor(vae)
+    f = size_multiple(vae)  # 8; 16 for FLUX.2 (2x2 latent patches)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     grid: list[list[Image.Image]] = []

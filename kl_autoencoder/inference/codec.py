@@ -1,8 +1,8 @@
 """Encode, decode, reconstruct: images <-> normalised latents, with padding, memory planning and tiling.
 
-Latent convention (diffusers/SD3): a VAE's raw latent ``z`` is normalised as
-``latents = (z - shift_factor) * scaling_factor`` so a diffusion model sees unit-variance latents
-(``model/normalization.py``); ``decode`` inverts it.
+Latent convention: a VAE's raw latent ``z`` is normalised by the VAE's own rule (``model/normalization.py``:
+``(z - shift_factor) * scaling_factor``, Playground's per-channel mean/std, FLUX.2's BatchNorm over 2x2
+patches) so a diffusion model sees unit-variance latents; ``decode`` inverts it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, InputTypeError
-from ..model import (
-    decode_raw,
-    denormalize_latents,
-    downsample_factor,
-    encoder_moments,
-    normalize_latents,
-    posterior,
-)
+from ..model import decode_raw, denormalize_latents, encoder_moments, normalize_latents, normalized_channels, posterior, size_multiple
 from ..utils.devices import has_data, randn
 from ..utils.images import as_image_batch
 from .malloc import reuse_freed_memory
@@ -49,7 +42,7 @@ def _prepare(vae: nn.Module, images: Any, pad: str | None) -> tuple[torch.Tensor
     if x.shape[1] != vae.config.in_channels:
         raise InputError(f"images have {x.shape[1]} channels, the VAE expects {vae.config.in_channels}")
     h, w = x.shape[-2:]
-    f = downsample_factor(vae)
+    f = size_multiple(vae)  # 8; 16 for FLUX.2, whose latents are cut into 2x2 patches
     ph, pw = (-h) % f, (-w) % f
     if ph or pw:
         if pad is None:
@@ -142,7 +135,8 @@ def encode(
     tiling: str = "auto",
     tile_size: int | None = None,
 ) -> torch.Tensor:
-    """Images -> normalised latents ``(z - shift) * scale``, (B, C, ceil(H/8), ceil(W/8)), float32.
+    """Images -> normalised latents ``(z - shift) * scale`` (or the VAE's rule), (B, C, ceil(H/8), ceil(W/8)),
+    float32; FLUX.2: (B, 4C, ceil(H/16), ceil(W/16)).
 
     ``images``: float tensor in [-1, 1] (B,3,H,W) or (3,H,W), uint8 arrays/tensors (…,H,W,3), PIL images.
     ``z`` is the posterior mean unless ``sample=True``, which draws from the posterior with ``generator``
@@ -156,9 +150,9 @@ def encode(
     return normalize_latents(vae, z)
 
 
-
-def check_latents(vae: nn.Module, latents: Any, name: str = "latents") -> torch.Tensor:
-    """Validate a latent tensor: float, (B, C, h, w) or (C, h, w), C = latent channels, all finite."""
+def check_latents(vae: nn.Module, latents: Any, name: str = "latents", *, raw: bool = False) -> torch.Tensor:
+    """Validate a latent tensor: float, (B, C, h, w) or (C, h, w), all finite; C = the channels of normalised
+    latents (4 x latent_channels for FLUX.2's 2x2 patches), or of raw ones with ``raw=True``."""
     if not isinstance(latents, torch.Tensor):
         raise InputTypeError(f"{name}: expected a torch.Tensor, got {type(latents).__name__}")
     if not latents.is_floating_point():
@@ -169,9 +163,10 @@ def check_latents(vae: nn.Module, latents: Any, name: str = "latents") -> torch.
         raise InputError(f"{name}: expected shape (B, C, h, w), got {tuple(latents.shape)}")
     if latents.numel() == 0:
         raise InputError(f"{name}: shape {tuple(latents.shape)} has a dimension of size 0; nothing to decode")
-    c = vae.config.latent_channels
+    c = vae.config.latent_channels if raw else normalized_channels(vae)
     if latents.shape[1] != c:
-        raise InputError(f"{name}: has {latents.shape[1]} channels, this VAE's latents have {c}")
+        kind = " raw" if raw else ""
+        raise InputError(f"{name}: has {latents.shape[1]} channels, this VAE's{kind} latents have {c}")
     if has_data(latents) and not torch.isfinite(latents).all():
         n = int((~torch.isfinite(latents)).sum())
         raise InputError(f"{name}: {n} non-finite values (NaN/inf)")
@@ -180,7 +175,8 @@ def check_latents(vae: nn.Module, latents: Any, name: str = "latents") -> torch.
 
 @torch.no_grad()
 def decode(vae: nn.Module, latents: torch.Tensor, *, tiling: str = "auto", tile_size: int | None = None) -> torch.Tensor:
-    """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w), float32, nominally in [-1, 1].
+    """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) (FLUX.2: (B, 4C, h, w) -> 16h x 16w), float32,
+    nominally in [-1, 1].
 
     The output is not clamped, so it equals diffusers' ``vae.decode(latents / scale + shift)``;
     ``to_pil``/``to_uint8`` clamp. An fp16 VAE whose config says ``force_upcast`` decodes in fp32

@@ -4,7 +4,8 @@ The encode job itself is ``writer.encode_dataset``; reading a cache for training
 Decoding accepts three kinds of LATENTS:
   * an encode output folder or one of its shards: the stored posterior means, raw latents;
   * a .safetensors / .pt file with one tensor (or a ``latents`` entry), (B, C, h, w) or (C, h, w):
-    normalised latents ``(z - shift) * scale`` (what a diffusion model samples), or raw with ``--raw``.
+    normalised latents (what a diffusion model samples: ``(z - shift) * scale``, or the VAE's own rule,
+    ``model/normalization.py``), or raw with ``--raw``.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _png_names(items: list[Named]) -> list[Named]:
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, raw: bool = False, tiling: str = "auto",
                    tile_size: int | None = None) -> torch.Tensor:
     """Latents (B, C, h, w), normalised (or raw) -> images (B, 3, 8h, 8w) in [-1, 1] (clamped)."""
-    latents = check_latents(vae, latents).float()
+    latents = check_latents(vae, latents, raw=raw).float()
     if raw:
         latents = normalize_latents(vae, latents)
     return decode(vae, latents, tiling=tiling, tile_size=tile_size).clamp(-1, 1)

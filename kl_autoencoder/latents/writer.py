@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..inference import encode_moments
-from ..model import downsample_factor, resolve_dtype
+from ..model import downsample_factor, latent_normalization, resolve_dtype
 from ..utils.files import atomic_path, save_json
 from ..utils.images import IMAGE_EXTENSIONS, ImageError, find_images, load_image
 from .buckets import Transform
@@ -312,14 +312,15 @@ def _merge(vae, out: Path, world: int, identity: dict, transform: Transform, dty
     samples = sorted((e for p in parts for e in p["entries"]), key=lambda e: e["path"])
     live = {e["shard"] for e in samples}
     shards = [p for p, _, _ in scan_shards(out)]
-    shift = getattr(vae.config, "shift_factor", None)
+    norm = latent_normalization(vae)  # model/normalization.py: the rule LatentDataset applies
     manifest = {
         "format": FORMAT,
         "complete": True,
         "identity": identity,
         "model": model_name,
-        "scaling_factor": float(vae.config.scaling_factor),
-        "shift_factor": None if shift is None else float(shift),
+        "scaling_factor": norm.scaling_factor,
+        "shift_factor": norm.shift_factor,
+        "latent_normalization": norm.to_json(),
         "latent_channels": int(vae.config.latent_channels),
         "downsample_factor": downsample_factor(vae),
         "dtype": dtype,
