@@ -252,3 +252,48 @@ def test_symlink_loops_and_unsupported_files_are_listed(tmp_path, caplog):
     assert find_images(d) == [d / "ok.png"]
     logged = caplog.text
     assert "loop.png: unreadable" in logged and "clip.gif: not an image type" in logged and "ok.txt" not in logged
+
+
+# ----------------------------------------------------------------------------- 4 and 5: pickles and strict values
+
+EVIL_PICKLE = b"\x80\x04cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85q\x01Rq\x02."  # os.system("true") when unpickled
+
+
+def test_a_pickle_that_needs_code_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "m"
+    ka.create("tiny-kl-f8").save_pretrained(folder, safe_serialization=False)
+    (folder / "diffusion_pytorch_model.bin").write_bytes(EVIL_PICKLE)
+    line = _one_line_error(_run_cli("reconstruct", str(folder), str(tmp_path / "x.png"), "--out", str(tmp_path / "r")))
+    assert "diffusion_pytorch_model.bin" in line and "refused" in line and "nothing was run" in line
+    Image.new("RGB", (16, 16)).save(tmp_path / "img.png")
+    (tmp_path / "vgg16-397923af.pth").write_bytes(EVIL_PICKLE)
+    line = _one_line_error(_run_cli("eval", "tiny-kl-f8", str(tmp_path / "img.png"), "--output", str(tmp_path / "e"),
+                                    "--lpips-weights", str(tmp_path / "vgg16-397923af.pth")))
+    assert "vgg16-397923af.pth" in line and "refused" in line
+
+
+@pytest.mark.parametrize("kind", ["int32", "nan"])
+@pytest.mark.parametrize("layout", ["ldm-file", "diffusers-folder"])
+def test_converters_refuse_integer_and_nonfinite_weights(kind, layout, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kl_autoencoder.convert import CheckpointError, to_ldm_state_dict
+
+    vae = ka.create("tiny-kl-f8")
+    key = "decoder.conv_out.bias"
+    if layout == "ldm-file":
+        sd = {k: v.contiguous() for k, v in to_ldm_state_dict(vae).items()}
+        path = tmp_path / "vae.safetensors"
+    else:
+        ka.export(vae, tmp_path / "folder")
+        path = tmp_path / "folder"
+        sd = load_file(str(path / "diffusion_pytorch_model.safetensors"))
+    sd[key] = sd[key].to(torch.int32) if kind == "int32" else sd[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    save_file(sd, str(path if layout == "ldm-file" else path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        ka.load(path)
+    assert key in str(e.value)
+    line = _one_line_error(_run_cli("convert", str(path), str(tmp_path / "out"), "--to", "diffusers"))
+    assert key in line
+    if kind == "nan":  # whoever needs it can still load it
+        assert torch.isnan(ka.load(path, allow_nonfinite=True).decoder.conv_out.bias).any()

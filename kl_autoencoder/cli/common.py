@@ -67,11 +67,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--family", choices=list(FAMILIES), default=None,
                    help="set the latent factors and force_upcast of a published VAE family (for a bare weights file, "
                    "whose factors cannot be told from its shapes: SD1 and SDXL, SD3 and FLUX.1 share architectures)")
+    g.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf values (refused otherwise)")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     """The ``resolve_model`` keyword arguments of ``add_model_args``' options."""
-    return {k: getattr(args, k, None) for k in ("revision", "offline", "family")}
+    return {k: getattr(args, k, None) for k in ("revision", "offline", "family", "allow_nonfinite")}
 
 
 def _is_preset(spec: str) -> bool:
@@ -80,7 +81,7 @@ def _is_preset(spec: str) -> bool:
 
 def resolve_model(spec: str | None, *, dtype: str | None = None, device: str | None = None, compile: bool = False,
                   channels_last: bool = False, revision: str | None = None, offline: bool | None = None,
-                  family: str | None = None) -> nn.Module:
+                  family: str | None = None, allow_nonfinite: bool | None = None) -> nn.Module:
     """MODEL argument -> VAE (a path, a Hugging Face Hub id, or a preset name or YAML path meaning untrained
     weights), put where it runs (``inference/runtime.py``: CUDA when available, else the CPU with the fast
     convolutions, off with KL_AUTOENCODER_FASTCONV=0)."""
@@ -88,12 +89,12 @@ def resolve_model(spec: str | None, *, dtype: str | None = None, device: str | N
         spec = str(default_model_path())
     p = Path(spec)
     if p.exists() and not (p.is_file() and _is_preset(spec)):
-        vae = load(p, family=family)
+        vae = load(p, family=family, allow_nonfinite=bool(allow_nonfinite))
     elif _is_preset(spec):
         logging.getLogger("kl_autoencoder").warning("MODEL %s is a preset: using freshly initialised (untrained) weights", spec)
         vae = create(spec)
     elif looks_like_repo_id(spec):
-        vae = load(spec, revision=revision, offline=offline, family=family)
+        vae = load(spec, revision=revision, offline=offline, family=family, allow_nonfinite=bool(allow_nonfinite))
     else:
         raise CLIError(f"MODEL {spec}: no such folder or file, not a Hugging Face Hub id (org/name), and not a preset "
                        f"({', '.join(list_presets())})")

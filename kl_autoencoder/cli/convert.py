@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="hub id IN: a branch, tag or commit")
     p.add_argument("--offline", action="store_true", help="hub id IN: the Hugging Face cache only (as HF_HUB_OFFLINE=1)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT; --to ldm: write even if ComfyUI/AUTOMATIC1111 cannot build it")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/inf values (refused otherwise)")
     p.set_defaults(func=run)
 
 
@@ -40,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
     if not src.exists() and looks_like_repo_id(args.input):
         src = hub_vae_folder(args.input, revision=args.revision, offline=args.offline)
     if src.is_dir():
-        vae, info = load(src), {"dtype": None, "layout": "diffusers"}
+        vae, info = load(src, allow_nonfinite=args.allow_nonfinite), {"dtype": None, "layout": "diffusers"}
         if args.family:
             apply_family(vae, args.family, str(src))
         factors = {"scaling_factor": args.scaling_factor, "shift_factor": args.shift_factor}
         vae.register_to_config(**{k: v for k, v in factors.items() if v is not None})
     else:
-        vae, info = read_vae(src, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor, family=args.family)
+        vae, info = read_vae(src, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor, family=args.family,
+                             allow_nonfinite=args.allow_nonfinite)
     dtype = args.dtype or DTYPE_NAMES.get(info["dtype"] or next(vae.parameters()).dtype, "fp32")
     if args.to == "ldm":
         out = save_ldm(vae, args.output, dtype=dtype, force=args.force)

@@ -172,9 +172,22 @@ def _config(ldm: dict[str, torch.Tensor], known: dict[str, Any] | None, family: 
     return config, assumed
 
 
+def check_values(sd: dict[str, torch.Tensor], template: dict[str, torch.Tensor], where: str, allow_nonfinite: bool = False) -> None:
+    """Refuse tensors a VAE cannot hold as they are: an integer tensor where the model has a float parameter
+    (a cast would turn weights like 0.02 into 0), and NaN/inf values unless ``allow_nonfinite``."""
+    for k, t in sd.items():
+        if template[k].is_floating_point() and not t.is_floating_point():
+            raise ConversionError(f"{where}: {k} is {str(t.dtype).replace('torch.', '')}, not a float: a cast would change "
+                                  "its values; is this file a quantised or corrupted checkpoint?")
+        if t.is_floating_point() and not allow_nonfinite and t.numel() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise ConversionError(f"{where}: {k} holds {n} non-finite value(s) (NaN/inf); the file is broken "
+                                  "(allow_nonfinite=True / --allow-nonfinite loads it anyway)")
+
+
 def convert_state_dict(
     sd: dict[str, torch.Tensor], known: dict[str, Any] | None = None, *, where: str = "weights", family: str | None = None,
-    **overrides: Any,
+    allow_nonfinite: bool = False, **overrides: Any,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Any supported layout -> (diffusers state dict, AutoencoderKL or AutoencoderKLFlux2 config), strictly.
 
@@ -182,7 +195,7 @@ def convert_state_dict(
     sd1, sdxl, flux1, ...) sets the published factors; ``overrides`` (e.g. scaling_factor=0.13025) beat
     both, and they beat defaults. A ``bn.running_mean`` key makes a FLUX.2 VAE (AutoencoderKLFlux2). Keys
     outside the VAE prefix of a full checkpoint are ignored. Raises ConversionError listing unmapped,
-    missing and misshapen keys.
+    missing and misshapen keys, and (``check_values``) integer or non-finite weights.
     """
     sd, prefix = strip_prefix({k: sd[k] for k in vae_keys(list(sd))})
     if prefix:
@@ -224,6 +237,7 @@ def convert_state_dict(
             f"{config['layers_per_block']} resnets/level) - " + "; ".join(parts)
             + ". Is it a full VAE in diffusers or LDM layout?"
         )
+    check_values(out, template, where, allow_nonfinite)
     if assumed:
         log.warning(
             "%s: no scaling_factor stored; assuming %s. Give the family (--family / family=: sd1, sd2, sdxl, "
@@ -262,7 +276,7 @@ def read_vae(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, A
 
 
 def load_file(path: str | Path, *, scaling_factor: float | None = None, shift_factor: float | None = None,
-              family: str | None = None) -> nn.Module:
+              family: str | None = None, allow_nonfinite: bool = False) -> nn.Module:
     """A single weights file (.safetensors/.ckpt/.pt/.bin/.pth) in diffusers or LDM layout -> fp32 VAE
     (AutoencoderKL; AutoencoderKLFlux2 when the file has FLUX.2's ``bn.*`` BatchNorm buffers).
 
@@ -272,4 +286,5 @@ def load_file(path: str | Path, *, scaling_factor: float | None = None, shift_fa
     or ``family`` (sd1, sd2, sdxl, sdxl-fp16-fix, playground, sd3, flux1, flux2: ``model/families.py``),
     else defaults (scaling 0.18215 for 4 latent channels, 1.0 otherwise, with a warning).
     """
-    return read_vae(path, scaling_factor=scaling_factor, shift_factor=shift_factor, family=family)[0]
+    return read_vae(path, scaling_factor=scaling_factor, shift_factor=shift_factor, family=family,
+                    allow_nonfinite=allow_nonfinite)[0]
