@@ -36,7 +36,9 @@ def prepare(vae: nn.Module, *, device: str | torch.device | None = None, dtype: 
     if torch_dtype == torch.float16 and device.type == "cpu":
         log.warning("fp16 on a CPU runs hundreds of times slower than fp32: running in fp32 (use bf16 or a GPU)")
         torch_dtype = torch.float32
-    vae.to(device=device, dtype=torch_dtype)
+    vae.to(device)
+    if torch_dtype is not None and next(vae.parameters()).dtype != torch_dtype:
+        vae.to(torch_dtype)
     if channels_last:
         vae.to(memory_format=torch.channels_last)  # diffusers docs: "Memory-efficient ... channels_last"
     if compile:
