@@ -53,11 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-cpus-per-actor", type=float, default=None, help="--engine ray: CPUs reserved per encoder actor")
     p.add_argument("--ray-gpus-per-actor", type=float, default=None, help="--engine ray: GPUs per encoder actor (default 1 if the cluster has GPUs)")
     add_tiling_args(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model, dtype=args.model_dtype)
+    vae = common.resolve_model(args.model, dtype=args.model_dtype, **common.model_kwargs(args))
     ray = RayOptions(actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor, gpus_per_actor=args.ray_gpus_per_actor)
     res = encode_dataset(
         vae, args.data, args.out, resolution=args.resolution or 256, buckets=args.buckets, shard_size=args.shard_size,

@@ -1,7 +1,9 @@
 """Reading a latent cache (``kl-autoencoder encode`` output) for diffusion training.
 
-``LatentDataset[i]`` gives normalised latents ``(z - shift) * scale`` with the manifest's factors and
-the sample's metadata. ``z`` is the stored posterior mean, or with ``sample=True`` a fresh posterior
+``LatentDataset[i]`` gives normalised latents by the rule the manifest records (``latent_normalization``:
+``(z - shift) * scale``, per-channel mean/std, FLUX.2's patchified BatchNorm; ``model/normalization.py``;
+a cache with only ``scaling_factor``/``shift_factor`` uses those) and the sample's metadata.
+``z`` is the stored posterior mean, or with ``sample=True`` a fresh posterior
 sample ``mean + exp(logvar / 2) * eps``. Reproducibility: ``eps`` comes from a torch.Generator seeded
 with ``sample_seed(seed, index, epoch)`` (a sha256, the same in every process and DataLoader worker),
 so the same (seed, index, epoch) always gives the same sample and each epoch a new one; call
@@ -27,7 +29,8 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from ..model import posterior
+from ..model import normalization_from_manifest, posterior
+from ..utils.devices import randn
 from ..utils.seeding import derive_seed
 from .format import moment_names, read_manifest
 
@@ -41,8 +44,8 @@ class LatentDataset(Dataset):
     """Latents of an encode cache as a torch Dataset (see module doc).
 
     ``scaling_factor`` / ``shift_factor`` override the manifest's (e.g. after ``kl-autoencoder stats``).
-    Items: ``{"latents": (C, h, w) float32 normalised, "index", "path", "sha256", "bucket": (w, h),
-    "original_size": (W, H), "crop_box": (left, top, right, bottom) in original pixels, "flip": whether
+    Items: ``{"latents": (C, h, w) float32 normalised ((4C, h/2, w/2) for FLUX.2), "index", "path", "sha256",
+    "bucket": (w, h), "original_size": (W, H), "crop_box": (left, top, right, bottom) in original pixels, "flip": whether
     these are the mirror image's latents, "caption": str ("" when the sample had none), "metadata": JSON}``.
     """
 
@@ -56,9 +59,7 @@ class LatentDataset(Dataset):
         if random_flip and self.manifest.get("flip", "none") != "both":
             raise InputError(f"{self.root}: holds no mirror-image latents; encode with --flip both for random_flip=True")
         self.random_flip = random_flip
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else self.manifest["scaling_factor"])
-        shift = shift_factor if shift_factor is not None else self.manifest.get("shift_factor")
-        self.shift_factor = 0.0 if shift is None else float(shift)
+        self.normalization = normalization_from_manifest(self.manifest, scaling_factor=scaling_factor, shift_factor=shift_factor)
         self.sample, self.seed, self.epoch = sample, seed, 0
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[str, Any] = OrderedDict()
@@ -82,6 +83,14 @@ class LatentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.normalization.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return self.normalization.shift_factor or 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -132,11 +141,11 @@ class LatentDataset(Dataset):
         z = mean  # (C, h, w) raw
         if self.sample:
             g = torch.Generator().manual_seed(sample_seed(self.seed, index, self.epoch))
-            z = posterior.sample(mean, logvar, torch.randn(mean.shape, generator=g))
+            z = posterior.sample(mean, logvar, randn(tuple(mean.shape), g, mean.device))
         s = self.samples[index]
         caption, metadata = self.text(index)
         return {
-            "latents": (z - self.shift_factor) * self.scaling_factor,  # (C, h, w) normalised
+            "latents": self.normalization.normalize(z[None])[0],  # (C, h, w) normalised
             "index": index,
             "path": s["path"],
             "sha256": s["sha256"],

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 from urllib.parse import urlparse
 
 from ..errors import InputError
-from ..utils.images import IMAGE_EXTENSIONS, find_images
+from ..utils.images import IMAGE_EXTENSIONS, log_skipped, scan_images
 from .captions import Captioned, CaptionRule, SampleError, decode_json, decode_text, read_tables, sidecar
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -166,9 +166,10 @@ def open_source(data: str | Path | Sequence[str | Path], caption_key: str | None
         return _tars(expand_tar_specs([str(d) for d in data]), rule)
     spec, path = str(data), Path(data)
     if path.is_dir():
-        files = find_images(path)
+        files, others = scan_images(path)
         tables = read_tables(path, rule)
         if files or tables:
+            log_skipped(others, path)  # what is neither an image nor a sidecar, said once (not for a folder of tars)
             rels = {p.relative_to(path).as_posix() for p in files}
             return FolderSource(path, sorted(rels | set(tables)), tables, rule)
         tars = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES))

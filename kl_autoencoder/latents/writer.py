@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..model import downsample_factor, resolve_dtype
+from ..model import downsample_factor, latent_normalization, resolve_dtype
 from ..utils.files import save_json
 from .encoding import Digests, Job, encode_records, group_key, prepare
 from .format import FORMAT, CacheMismatchError, cache_identity, scan_shards
@@ -209,14 +209,15 @@ def _merge(vae, out: Path, world: int, identity: dict, variants: Variants, dtype
     samples = [{k: v for k, v in e.items() if k not in ("caption", "metadata")} for e in samples]
     live = {e["shard"] for e in samples}
     shards = [p for p, _, _ in scan_shards(out)]
-    shift = getattr(vae.config, "shift_factor", None)
+    norm = latent_normalization(vae)  # model/normalization.py: the rule LatentDataset applies
     manifest = {
         "format": FORMAT,
         "complete": True,
         "identity": identity,
         "model": model_name,
-        "scaling_factor": float(vae.config.scaling_factor),
-        "shift_factor": None if shift is None else float(shift),
+        "scaling_factor": norm.scaling_factor,
+        "shift_factor": norm.shift_factor,
+        "latent_normalization": norm.to_json(),
         "latent_channels": int(vae.config.latent_channels),
         "downsample_factor": downsample_factor(vae),
         "dtype": dtype,
