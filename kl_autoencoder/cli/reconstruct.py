@@ -58,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if not inputs:
         raise CLIError("reconstruct: give at least one image or folder")
     vae = common.resolve_model(model_spec or args.model, **runtime_kwargs(args), **common.model_kwargs(args))
-    files = [f for spec in inputs for f in find_images(spec)]
+    files = []
+    for spec in inputs:
+        found = find_images(spec)
+        if not found:  # e.g. a model folder without weights, taken for an image folder
+            print(f"warning: {spec}: no images found there; skipped", file=sys.stderr)
+        files += found
     if not files:
         raise CLIError(f"reconstruct: no images found in {' '.join(inputs)}")
     out = Path(args.out)
