@@ -4,8 +4,8 @@ The network is ``diffusers.AutoencoderKL``; this package is everything around it
 role. Imports run one way, each layer using only the layers before it:
 
     errors, settings, utils/, config/      shared pieces: error classes, switches, files, seeds, images, presets
-    model/                                 create a VAE; dtypes, latent normalisation, posterior, raw passes, shipped model
-    convert/                               weight files in and out: safe reading, LDM <-> diffusers keys, load, export
+    model/                                 create a VAE; dtypes, latent normalisation and families, posterior, raw passes, shipped model
+    convert/                               weight files in and out: safe reading, LDM <-> diffusers keys, hub ids, load, export
     inference/                             encode/decode/reconstruct, memory planning, tiling, fast CPU paths
     latents/                               latent caches: format, encode job, dataset, buckets, statistics
     evaluation/                            metrics, LPIPS, rFID, report, anomaly scores, precision checks, interpolation
@@ -21,10 +21,26 @@ __version__ = "0.1.0"
 from .config import Config, ConfigError, list_presets, load_config
 from .convert import export, load, load_file, save_ldm
 from .errors import InputError, KLAutoencoderError
-from .evaluation import Fp16Report, check_fp16, elbo_bits_per_dim, evaluate, interpolate, psnr, score_images, slerp
+from .evaluation import (
+    Fp16Report,
+    check_fp16,
+    elbo_bits_per_dim,
+    evaluate,
+    interpolate,
+    psnr,
+    score_images,
+    slerp,
+)
 from .inference import check_latents, decode, encode, encode_moments, reconstruct
 from .inference import optimize as optimize_inference
-from .latents import BucketBatchSampler, LatentDataset, LatentStats, compute_latent_stats, encode_dataset, make_buckets
+from .latents import (
+    BucketBatchSampler,
+    LatentDataset,
+    LatentStats,
+    compute_latent_stats,
+    encode_dataset,
+    make_buckets,
+)
 from .latents import Transform as LatentTransform
 from .model import create, denormalize_latents, normalize_latents, num_parameters
 from .pipelines import IncompatibleVAEError, SwapReport, swap_vae

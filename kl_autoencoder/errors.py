@@ -18,3 +18,7 @@ class InputError(KLAutoencoderError, ValueError):
 
 class InputTypeError(KLAutoencoderError, TypeError):
     """A value of the wrong type (a tensor of integers where latents are asked for, say)."""
+
+
+class DiskFullError(KLAutoencoderError, OSError):
+    """No space left while writing; the message says how much the job needs and that it can resume."""

@@ -105,12 +105,12 @@ def test_reuse_needs_memory_to_spare(monkeypatch):
     shape = (1, 3, 256, 256)
     need = memory_plan.estimate_untiled_bytes(vae, shape, "encode")
     plenty = int(2 * memory_plan.REUSE_MEMORY_FACTOR * need / memory_plan.AUTO_MEMORY_FRACTION)
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: plenty)
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device="cpu": plenty)
     assert memory_plan.reuse_fits(vae, shape, "encode", "whole")
     assert not memory_plan.reuse_fits(vae, shape, "encode", "tiles")
     assert not memory_plan.reuse_fits(vae, shape, "encode", "approx")
     # a batch run image by image needs room for one image only
     assert memory_plan.reuse_fits(vae, (64, 3, 256, 256), "encode", "slices")
     assert not memory_plan.reuse_fits(vae, (64, 3, 256, 256), "encode", "whole")
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: int(need / memory_plan.AUTO_MEMORY_FRACTION))  # fits once, not twice
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device="cpu": int(need / memory_plan.AUTO_MEMORY_FRACTION))  # fits once, not twice
     assert not memory_plan.reuse_fits(vae, shape, "encode", "whole")

@@ -146,9 +146,11 @@ def test_cli_csv_sorted_worst_first_bad_files_listed(micro_vae, tmp_path, monkey
     (d / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "scores.csv"
     assert cli.main(["score", "micro", str(d), "--output", str(out), "--batch-size", "3", "--sort", "mse"]) == 0
-    text = out.read_text()
-    assert "lpips: unavailable" in text and "vgg16-397923af.pth" in text and "discretized Gaussian" in text
-    rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    notes = json.loads((tmp_path / "scores.json").read_text())  # settings and notes: a sidecar, the CSV stays plain
+    assert not notes["lpips"]["available"] and "vgg16-397923af.pth" in notes["lpips"]["reason"]
+    assert "discretized Gaussian" in notes["decoder_likelihood"]
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))  # the header is the first line
     good, bad = [r for r in rows if not r["error"]], [r for r in rows if r["error"]]
     assert len(good) == 5 and len(bad) == 1 and bad[0]["file"].endswith("broken.jpg")
     mse = [float(r["mse"]) for r in good]

@@ -111,13 +111,13 @@ def test_auto_tiles_when_memory_is_short(micro_vae, monkeypatch):
     ka.decode(micro_vae, z, tiling="auto")  # plenty of memory: untiled
     assert calls == []
     tiled = memory_plan.estimate_tiled_bytes(micro_vae, tuple(z.shape), "decode")
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: int(tiled / memory_plan.AUTO_MEMORY_FRACTION))
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device="cpu": int(tiled / memory_plan.AUTO_MEMORY_FRACTION))
     out = ka.decode(micro_vae, z, tiling="auto", tile_size=32)
     assert calls == [1]
     ref = ka.decode(micro_vae, z, tiling="never")
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
     # not even exact tiling fits: approximate tiling, with a warning (exact here: a 64 px image is its own preview)
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: 1000)
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device="cpu": 1000)
     with pytest.warns(UserWarning, match="tiling='approx'"):
         out = ka.decode(micro_vae, z, tiling="auto", tile_size=32)
     assert calls == [1]

@@ -208,3 +208,37 @@ def test_dry_run_and_changed_config_refused(tmp_path):
     subprocess.run(_cmd(config, data, tmp_path / "run", "--max-steps", "1"), check=True, capture_output=True)
     r = subprocess.run(_cmd(config, data, tmp_path / "run", "--max-steps", "2", "--set", "train.lr=5e-4"), capture_output=True, text=True)
     assert r.returncode == 2 and "train.lr" in r.stderr
+
+
+def test_bf16_mixed_precision_on_cpu_learns(tmp_path, monkeypatch, request):
+    """train.mixed_precision=bf16 through accelerate: the forward runs under CPU bf16 autocast, the loss stays
+    finite and falls (fp32 master weights, as accelerate keeps them)."""
+    from accelerate.state import AcceleratorState
+
+    from kl_autoencoder.training import run_log, step
+
+    # accelerate keeps one AcceleratorState per process: earlier in-process tests made it with mixed_precision="no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))  # later tests start afresh
+    config = _config(tmp_path, train={"mixed_precision": "bf16", "lr": 3e-3, "ema_decay": None, "batch_size": 2},
+                     loss={"disc_start": 1000}, data={"crop_size": 32, "random_flip": False})
+    data = tmp_path / "one"
+    data.mkdir()
+    sample_photos(32)[0].save(data / "a.png")  # one 32x32 photo, the whole crop: the loss can only fall by learning
+    cfg = load_config(config, ["train.max_steps=32", "train.checkpoint_every=1000"])
+    rec, dtypes = [], set()
+    original_log = run_log.RunLog.log_step
+    monkeypatch.setattr(run_log.RunLog, "log_step", lambda self, s, parts, *a, **k: (rec.append(float(parts[0].rec)), original_log(self, s, parts, *a, **k))[1])
+    original_forward = step.AutoencoderStep.forward
+
+    def forward(self, x, noise):
+        out = original_forward(self, x, noise)
+        dtypes.add(out[0].dtype)
+        return out
+
+    monkeypatch.setattr(step.AutoencoderStep, "forward", forward)
+    status = train(cfg, data, tmp_path / "run")
+    assert status["step"] == 32 and status["skipped_nonfinite"] == 0
+    assert dtypes == {torch.bfloat16}  # the decoder's output came out of bf16 autocast
+    assert all(np.isfinite(rec))
+    assert np.mean(rec[-8:]) < 0.85 * np.mean(rec[:8]), rec

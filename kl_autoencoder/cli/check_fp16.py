@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evaluation import check_fp16, load_sample_images, set_force_upcast, synthetic_images
+from ..evaluation import (
+    check_fp16,
+    load_sample_images,
+    set_force_upcast,
+    synthetic_images,
+)
 from . import common
+from .common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,16 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="a diffusers VAE folder, pipeline folder or weights file")
     p.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders (default: synthetic images)")
-    p.add_argument("--size", type=int, default=128, help="images are centre-cropped and resized to this (default 128)")
+    p.add_argument("--size", type=positive_int, default=128, help="images are centre-cropped and resized to this (default 128)")
     p.add_argument("--no-write", action="store_true", help="report only; do not change config.json")
     p.add_argument("--fp16", choices=["auto", "native", "emulate"], default="auto",
                    help="real fp16 kernels, or fp32 math rounded to fp16 after every layer (auto: emulate on CPU, "
                    "where fp16 convolution is hundreds of times slower)")
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    vae = common.resolve_model(args.model, **common.model_kwargs(args))
     images = load_sample_images(args.images, args.size) if args.images else synthetic_images(size=args.size)
     report = check_fp16(vae, images, label=None if args.images else f"{len(images)} synthetic images, {args.size} px", fp16_mode=args.fp16)
     print(report.format())

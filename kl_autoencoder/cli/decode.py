@@ -9,9 +9,19 @@ import torch
 
 from ..inference import check_latents
 from ..latents import decode_latents, read_latents
+from ..model import latent_normalization
 from ..utils.images import tensor_to_pil
 from . import common
-from .common import MODEL_HELP, add_tiling_args, tiling_kwargs
+from .common import (
+    MODEL_HELP,
+    add_force_arg,
+    add_runtime_args,
+    add_tiling_args,
+    check_output,
+    positive_int,
+    runtime_kwargs,
+    tiling_kwargs,
+)
 
 Named = tuple[str, torch.Tensor]
 
@@ -22,19 +32,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="decode latents (an encode cache, a shard or a tensor file) to PNGs",
         description="Decode LATENTS to PNGs in OUT. An encode output folder or shard: its stored posterior means "
         "(raw), PNGs named after the source images. A .safetensors/.pt tensor file (B, C, h, w) or (C, h, w): "
-        "normalised latents (z - shift) * scale as a diffusion model produces, or raw with --raw; PNGs 00000.png, ...",
+        "normalised latents as a diffusion model produces ((z - shift) * scale, or the VAE's per-channel / FLUX.2 "
+        "BatchNorm rule), or raw with --raw; PNGs 00000.png, ...",
     )
     p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP + " (default: the shipped model)")
     p.add_argument("latents", metavar="LATENTS", help="encode output folder, one shard, or a .safetensors/.pt tensor file")
     p.add_argument("out", metavar="OUT", help="output folder for PNGs")
     p.add_argument("--raw", action="store_true", help="tensor file holds raw VAE latents, not normalised ones")
-    p.add_argument("--batch-size", type=int, default=8, help="latents per decoder call (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="latents per decoder call (default 8)")
     add_tiling_args(p)
+    add_runtime_args(p)
+    add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    check_output(args.out, args.force, folder=True)  # before any work
+    vae = common.resolve_model(args.model, **runtime_kwargs(args), **common.model_kwargs(args))
     items, cache = read_latents(args.latents)
     if cache:
         print(f"{args.latents}: an encode cache: decoding its stored posterior means as raw latents"
@@ -42,12 +57,11 @@ def run(args: argparse.Namespace) -> int:
         raw = True
     else:
         raw = args.raw
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
         print(f"{args.latents}: treating {len(items)} latent(s) as "
               + ("raw VAE latents (--raw)" if raw else
-                 f"normalised (z - {shift}) * {vae.config.scaling_factor}; pass --raw for raw VAE latents"))
+                 f"normalised {latent_normalization(vae).describe()}; pass --raw for raw VAE latents"))
     for name, t in items:
-        check_latents(vae, t, name=f"{args.latents}: {name}")  # every item before writing anything
+        check_latents(vae, t, name=f"{args.latents}: {name}", raw=raw)  # every item before writing anything
     out = Path(args.out)
     by_shape: dict[tuple, list[Named]] = {}
     for it in items:

@@ -10,7 +10,16 @@ from ..evaluation.fid import INCEPTION_FILE
 from ..evaluation.lpips import LPIPS_BACKBONE_FILES
 from ..evaluation.report import format_value
 from . import common
-from .common import MODEL_HELP, add_tiling_args, tiling_kwargs
+from .common import (
+    MODEL_HELP,
+    add_force_arg,
+    add_runtime_args,
+    add_tiling_args,
+    check_output,
+    positive_int,
+    runtime_kwargs,
+    tiling_kwargs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP + " (default: the shipped model)")
     p.add_argument("data", metavar="DATA", help="an image file or a folder of images (searched recursively)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for metrics.json, metrics.md, grid.png")
-    p.add_argument("--size", type=int, default=None, metavar="N",
+    p.add_argument("--size", type=positive_int, default=None, metavar="N",
                    help="resize the short side to N (bicubic) and centre-crop NxN; default: full size cropped to a multiple of 8")
-    p.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K images (sorted by path)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="K", help="only the first K images (sorted by path)")
     p.add_argument("--lpips-weights", default=None, metavar="FILE",
                    help=f"torchvision {LPIPS_BACKBONE_FILES['vgg']} (default: $TORCH_HOME/hub/checkpoints/)")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
@@ -35,11 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compression", action="store_true",
                    help="skip the compression figures (saves two decodes per image: fp16/bf16-rounded latents)")
     add_tiling_args(p)
+    add_runtime_args(p)
+    add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.model)
+    check_output(args.output, args.force, folder=True)  # before any work
+    vae = common.resolve_model(args.model, **runtime_kwargs(args), **common.model_kwargs(args))
     r = evaluate(
         vae, args.data, args.output, size=args.size, limit=args.limit, lpips_weights=args.lpips_weights,
         inception_weights=args.inception_weights, compression=not args.no_compression, **tiling_kwargs(args),

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a user-facing problem (the package's errors, a missing or unreadable file) is one
     line on stderr and exit status 2. Any other exception is a bug and keeps its traceback."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their own bytes, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

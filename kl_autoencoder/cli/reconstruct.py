@@ -9,9 +9,26 @@ from pathlib import Path
 from ..evaluation.metrics import psnr
 from ..inference import reconstruct
 from ..utils.files import save_json
-from ..utils.images import ImageError, find_images, load_image, pil_to_tensor, save_grid, tensor_to_pil
+from ..utils.images import (
+    ImageError,
+    find_images,
+    load_image,
+    pil_to_tensor,
+    save_grid,
+    tensor_to_pil,
+)
 from . import common
-from .common import MODEL_HELP, CLIError, add_tiling_args, looks_like_model, tiling_kwargs
+from .common import (
+    MODEL_HELP,
+    CLIError,
+    add_force_arg,
+    add_runtime_args,
+    add_tiling_args,
+    check_output,
+    looks_like_model,
+    runtime_kwargs,
+    tiling_kwargs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,18 +43,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="MODEL, as an option instead of the first argument")
     p.add_argument("--out", required=True, help="output folder")
     add_tiling_args(p)
+    add_runtime_args(p)
+    add_force_arg(p)
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, args.force, folder=True)  # before any work
     inputs = list(args.inputs)
     model_spec = None
     if inputs and looks_like_model(inputs[0]):
         model_spec = inputs.pop(0)
     if not inputs:
         raise CLIError("reconstruct: give at least one image or folder")
-    vae = common.resolve_model(model_spec or args.model)
-    files = [f for spec in inputs for f in find_images(spec)]
+    vae = common.resolve_model(model_spec or args.model, **runtime_kwargs(args), **common.model_kwargs(args))
+    files = []
+    for spec in inputs:
+        found = find_images(spec)
+        if not found:  # e.g. a model folder without weights, taken for an image folder
+            print(f"warning: {spec}: no images found there; skipped", file=sys.stderr)
+        files += found
     if not files:
         raise CLIError(f"reconstruct: no images found in {' '.join(inputs)}")
     out = Path(args.out)

@@ -6,6 +6,7 @@ import argparse
 
 from ..pipelines import IncompatibleVAEError, swap_vae
 from . import common
+from .common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT_DIR", help="new pipeline folder (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="swap even if the latent spaces disagree")
     p.add_argument("--images", nargs="+", default=None, metavar="IMAGE", help="images/folders for the check (default: synthetic images)")
-    p.add_argument("--size", type=int, default=128, help="check images are centre-cropped and resized to this (default 128)")
+    p.add_argument("--size", type=positive_int, default=128, help="check images are centre-cropped and resized to this (default 128)")
     p.add_argument("--copy", action="store_true", help="copy every file instead of hard-linking the large ones")
+    common.add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = common.resolve_model(args.vae)
+    vae = common.resolve_model(args.vae, device="cpu", **common.model_kwargs(args))  # the pipeline's own VAE is read on the CPU too
     try:
         report = swap_vae(args.pipeline, vae, args.out, force=args.force, images=args.images or None, size=args.size,
                           link=not args.copy, show=lambda r: print(r.format(), flush=True))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..training import train
+from .common import positive_float, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", metavar="CONFIG", help="preset name (tiny-kl-f8, sd-kl-f8, ldm-kl-f8, ...) or YAML path")
     p.add_argument("--data", required=True, nargs="+", metavar="DIR", help="folder(s) of training images (recursive: jpg, png, webp, bmp, tiff)")
     p.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory: config.yaml, status.json, checkpoints/, export/")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (overrides train.max_steps)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint + export) after this many minutes")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps (overrides train.max_steps)")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (checkpoint + export) after this many minutes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 --set loss.perceptual=none (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

@@ -24,10 +24,19 @@ class ConfigError(InputError):
     """A preset or override that does not fit the schema."""
 
 
+ARCHITECTURES = ("AutoencoderKL", "AutoencoderKLFlux2")  # the diffusers classes a preset may build
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """diffusers.AutoencoderKL arguments plus the latent normalisation ``(z - shift) * scale``."""
+    """diffusers.AutoencoderKL (or AutoencoderKLFlux2) arguments plus the latent normalisation.
 
+    AutoencoderKL: ``(z - shift) * scale``, or per channel ``(z - latents_mean) * scale / latents_std``
+    (Playground v2.5) when both lists are set. AutoencoderKLFlux2 (FLUX.2): BatchNorm running statistics
+    over 2x2 latent patches (``batch_norm_eps``, ``patch_size``); the scalar factors do not apply.
+    """
+
+    architecture: str = "AutoencoderKL"  # or "AutoencoderKLFlux2"
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -38,15 +47,20 @@ class ModelConfig:
     sample_size: int = 512
     scaling_factor: float = 0.18215  # SD 1.x/2.x VAE; recompute with `kl-autoencoder stats` for a new VAE
     shift_factor: float | None = None  # SD3/FLUX layout subtracts a mean before scaling
+    latents_mean: tuple[float, ...] | None = None  # per-channel normalisation (Playground v2.5), with latents_std
+    latents_std: tuple[float, ...] | None = None
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     force_upcast: bool = True
+    batch_norm_eps: float = 1e-4  # AutoencoderKLFlux2 only (diffusers default, FLUX.2's config)
+    batch_norm_momentum: float = 0.1  # AutoencoderKLFlux2 only
+    patch_size: tuple[int, int] = (2, 2)  # AutoencoderKLFlux2 only: latents are patchified 2x2 before BatchNorm
     seed: int = 0  # weight init seed: create() is deterministic
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         n = len(self.block_out_channels)
-        return dict(
+        common = dict(
             in_channels=self.in_channels,
             out_channels=self.out_channels,
             latent_channels=self.latent_channels,
@@ -57,13 +71,15 @@ class ModelConfig:
             norm_num_groups=self.norm_num_groups,
             act_fn=self.act_fn,
             sample_size=self.sample_size,
-            scaling_factor=self.scaling_factor,
-            shift_factor=self.shift_factor,
             use_quant_conv=self.use_quant_conv,
             use_post_quant_conv=self.use_post_quant_conv,
             mid_block_add_attention=self.mid_block_add_attention,
-            force_upcast=self.force_upcast,
         )
+        if self.architecture == "AutoencoderKLFlux2":
+            return dict(common, batch_norm_eps=self.batch_norm_eps, batch_norm_momentum=self.batch_norm_momentum,
+                        patch_size=tuple(self.patch_size))
+        return dict(common, scaling_factor=self.scaling_factor, shift_factor=self.shift_factor,
+                    latents_mean=self.latents_mean, latents_std=self.latents_std, force_upcast=self.force_upcast)
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,7 @@ class TrainConfig:
     ema_decay: float | None = None  # e.g. 0.9999 (sd-vae-ft-ema); None: no EMA
     decoder_only: bool = False  # freeze encoder + quant_conv (sd-vae-ft-mse)
     seed: int = 0
+    deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS, scatter-adds): exact resume on a GPU, slower
     log_every: int = 10
     image_every: int = 500
     eval_every: int = 1000
@@ -246,6 +263,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         )
     if m.scaling_factor <= 0:
         problems.append("model.scaling_factor must be > 0")
+    if m.architecture not in ARCHITECTURES:
+        problems.append(f"model.architecture={m.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if (m.latents_mean is None) != (m.latents_std is None) or (
+            m.latents_mean is not None and not len(m.latents_mean) == len(m.latents_std) == m.latent_channels):
+        problems.append(f"model.latents_mean and model.latents_std: give both, {m.latent_channels} values each (one per latent channel)")
+    if m.architecture == "AutoencoderKLFlux2" and m.latents_mean is not None:
+        problems.append("model.latents_mean/latents_std: AutoencoderKLFlux2 normalises with its BatchNorm statistics instead")
     choices = {
         "loss.reconstruction": (lo.reconstruction, ("l1", "l2")),
         "loss.perceptual": (lo.perceptual, ("lpips-vgg", "lpips-alex", "none")),

@@ -1,4 +1,4 @@
-"""diffusers model folders: where a VAE's config.json is, and changing a few of its fields in place."""
+"""diffusers model folders: where a VAE's config.json is, and changing a few of its fields (or tensors) in place."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..utils.files import save_json
+import torch
+
+from ..utils.files import atomic_path, save_json
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def vae_folder(path: str | Path) -> Path | None:
@@ -30,3 +34,24 @@ def update_config(model_dir: str | Path, **fields: Any) -> Path:
     data.update(fields)
     save_json(data, cfg)
     return cfg
+
+
+def update_weights(model_dir: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Replace a few tensors (e.g. FLUX.2's ``bn.running_mean``) in a diffusers VAE folder's safetensors file,
+    atomically, each kept in the file's dtype and shape; the other tensors and the metadata are unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = vae_folder(model_dir)
+    path = folder / WEIGHTS_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {WEIGHTS_FILE} (a diffusers model folder with safetensors weights is needed)")
+    with safe_open(str(path), framework="pt") as f:
+        meta, data = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for k, t in tensors.items():
+        if k not in data or data[k].numel() != t.numel():
+            raise ValueError(f"{path}: has no tensor {k} of {t.numel()} values to replace")
+        data[k] = t.reshape(data[k].shape).to(data[k].dtype)
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata=meta)
+    return path

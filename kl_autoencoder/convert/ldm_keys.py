@@ -17,6 +17,11 @@ Key layouts (diffusers scripts/convert_vae_pt_to_diffusers.py, loaders/single_fi
     *.mid_block.attentions.0.to_q/k/v          *.mid.attn_1.q/k/v          (Linear (C,C) <-> 1x1 conv (C,C,1,1))
     *.mid_block.attentions.0.to_out.0          *.mid.attn_1.proj_out
     *.conv_norm_out                            *.norm_out
+    bn.running_mean / running_var / ...        bn.*   (FLUX.2's latent BatchNorm, AutoencoderKLFlux2; same name)
+
+The original FLUX.2 file names its quant convs ``encoder.quant_conv`` / ``decoder.post_quant_conv``
+(ComfyUI comfy/sd.py renames them to ``quant_conv`` / ``post_quant_conv`` when it finds
+``bn.running_mean``); ``to_ldm_keys`` does the same.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ TRAINING_ONLY_PREFIXES = ("loss.",)
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _ATTN_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _RESNET = r"(norm1|conv1|norm2|conv2|conv_shortcut)\.(weight|bias)"
+# FLUX.2 original-file names -> the shared ones (ComfyUI comfy/sd.py VAE.__init__, state_dict_prefix_replace)
+_ALIASES = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
 
 
 class ConversionError(CheckpointError):
@@ -60,6 +67,8 @@ def ldm_key(key: str, num_levels: int) -> str | None:
     if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", key):
         return f"{m[1]}.norm_out.{m[2]}"
     if m := re.fullmatch(r"(post_quant_conv|quant_conv)\.(weight|bias)", key):
+        return key
+    if re.fullmatch(r"bn\.(running_mean|running_var|num_batches_tracked)", key):  # AutoencoderKLFlux2
         return key
     if m := re.fullmatch(rf"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.{_RESNET}", key):
         return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet_part(m[3])}.{m[4]}"
@@ -122,8 +131,8 @@ def to_ldm_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
     for k, v in sd.items():
         if "_blocks." in k or "mid_block." in k or "conv_norm_out" in k:  # diffusers names
             new = ldm_key(modernise(k), n)
-        else:  # LDM names, or names both layouts share (conv_in, quant_conv); checked against the model later
-            new = k
+        else:  # LDM names, or names both layouts share (conv_in, quant_conv, bn); checked against the model later
+            new = next((a + k[len(b):] for b, a in _ALIASES.items() if k.startswith(b)), k)
         if new is None or new in out:
             unmapped.append(k)
         else:

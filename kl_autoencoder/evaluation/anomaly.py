@@ -39,8 +39,9 @@ from PIL import Image
 
 from ..errors import InputError
 from ..inference import decode, encode_moments
-from ..model import downsample_factor, kl_divergence, normalize_latents, posterior
-from ..utils.files import atomic_path
+from ..model import kl_divergence, normalize_latents, posterior, size_multiple
+from ..utils.devices import seeded_randn
+from ..utils.files import atomic_path, save_json
 from ..utils.images import ImageError, as_image_batch, find_images, fit_crop, load_image, pil_to_tensor, tensor_to_pil, tensor_to_uint8
 from .lpips import make_lpips
 
@@ -97,24 +98,25 @@ def elbo_bits_per_dim(
     (torch.Generator seeded with ``seed``: repeatable); ``samples=0`` uses the posterior mean instead.
     Dimensions: 3*H*W. Sizes that are not multiples of 8 are padded for the VAE (inference.encode_moments) and cropped back.
     """
-    x = as_image_batch(x)
+    device = next(vae.parameters()).device
+    x = as_image_batch(x).to(device)
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # the 8-bit image the likelihood is over
     h, w = x.shape[-2:]
-    mean, logvar = encode_moments(vae, x, tiling="never")  # raw (B, C, h/8, w/8), float32
+    mean, logvar = encode_moments(vae, x, tiling="never")  # raw (B, C, h/8, w/8), float32, on the model's device
     dims = 3 * h * w
     kl = kl_bits(mean, logvar) / dims
     recon = decode(vae, normalize_latents(vae, mean), tiling="never")[..., :h, :w]  # (B, 3, H, W)
     if samples == 0:
         rec = discretized_gaussian_bits(x, recon, sigma) / dims
     else:
-        rec = torch.zeros(x.shape[0], dtype=torch.float64)
+        rec = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
         for k in range(samples):
-            # one draw per image from its own generator: an image's score does not depend on its batch
-            eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed + k)) for _ in range(x.shape[0])])
+            # one draw per image from its own CPU generator: an image's score depends on neither its batch nor the device
+            eps = torch.stack([seeded_randn(tuple(mean.shape[1:]), seed + k, device) for _ in range(x.shape[0])])
             z = posterior.sample(mean, logvar, eps)  # (B, C, h/8, w/8) raw posterior sample
             mu = decode(vae, normalize_latents(vae, z), tiling="never")[..., :h, :w]  # (B, 3, H, W)
-            rec += discretized_gaussian_bits(x, mu.cpu(), sigma) / dims / samples
-    return {"bpd": rec + kl.cpu(), "rec_bpd": rec, "kl_bpd": kl.cpu(), "recon": recon.cpu()}
+            rec += discretized_gaussian_bits(x, mu, sigma) / dims / samples
+    return {"bpd": (rec + kl).cpu(), "rec_bpd": rec.cpu(), "kl_bpd": kl.cpu(), "recon": recon.cpu()}
 
 
 def png_bits_per_dim(img: Image.Image) -> float:
@@ -218,7 +220,7 @@ def score_images(
         raise InputError(f"sigma must be positive (pixels in [-1, 1]), got {sigma}")
     lpips_fn, lpips_info = make_lpips(lpips_weights)
     good, skipped = [], []
-    for name, img in _items(paths_or_images, size, downsample_factor(vae)):
+    for name, img in _items(paths_or_images, size, size_multiple(vae)):
         if isinstance(img, Exception):
             skipped.append(str(img) if str(img).startswith(name) else f"{name}: {img}")
             print(f"warning: skipped {skipped[-1]}", file=sys.stderr)
@@ -247,17 +249,12 @@ def sort_rows(rows: Sequence[dict[str, Any]], key: str = "score") -> list[dict[s
 
 
 def write_csv(report: ScoreReport, path: str | Path, key: str = "score") -> Path:
-    """Write the rows sorted worst first, then one row per skipped file; '#' lines state the settings."""
+    """Write the rows as a plain CSV (header first) sorted worst first, then one row per skipped file; the
+    settings and notes go to a JSON sidecar (``scores.csv`` -> ``scores.json``). Returns the CSV's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = ["rank", "file", "width", "height", *COLUMNS, "error"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        fh.write(f"# kl-autoencoder score: sorted by {key}, worst first; higher is more anomalous in every column\n")
-        fh.write(f"# decoder likelihood: {report.settings['likelihood']}; "
-                 f"rec_bpd from {report.settings['samples'] or 'the posterior mean, no'} posterior sample(s), seed {report.settings['seed']}\n")
-        fh.write("# score = bpd - png_bpd (complexity-corrected likelihood, Serra et al. ICLR 2020); mse, l1 on pixels in [0, 1]\n")
-        if not report.lpips["available"]:
-            fh.write(f"# lpips: unavailable ({report.lpips['reason']})\n")
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for rank, row in enumerate(sort_rows(report.rows, key), 1):
@@ -265,4 +262,21 @@ def write_csv(report: ScoreReport, path: str | Path, key: str = "score") -> Path
         for msg in report.skipped:
             name, _, reason = msg.partition(": ")
             w.writerow({"file": name, "error": reason or msg})
+    notes = {
+        "csv": path.name,
+        "sorted_by": f"{key}, worst first; higher is more anomalous in every column",
+        "decoder_likelihood": report.settings["likelihood"],
+        "rec_bpd": f"from {report.settings['samples'] or 'the posterior mean, no'} posterior sample(s), seed {report.settings['seed']}",
+        "score": "bpd - png_bpd (complexity-corrected likelihood, Serra et al. ICLR 2020); mse, l1 on pixels in [0, 1]",
+        "lpips": report.lpips,
+        "settings": report.settings,
+        "skipped": report.skipped,
+    }
+    save_json(notes, sidecar_path(path))
     return path
+
+
+def sidecar_path(csv_path: str | Path) -> Path:
+    """The JSON file beside a scores CSV that holds its settings and notes."""
+    p = Path(csv_path)
+    return p.with_suffix(".json") if p.suffix.lower() == ".csv" else p.with_name(p.name + ".json")

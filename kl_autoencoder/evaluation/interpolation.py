@@ -27,7 +27,14 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..inference import decode, encode
-from ..utils.images import as_image_batch, center_box, load_image, pil_to_tensor, save_grid, tensor_to_pil
+from ..utils.images import (
+    as_image_batch,
+    center_box,
+    load_image,
+    pil_to_tensor,
+    save_grid,
+    tensor_to_pil,
+)
 
 log = logging.getLogger("kl_autoencoder")
 MODES = ("slerp", "lerp")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 def _chw(a: np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1)[None].to(dtype)  # (1, 3, H, W) in [0, 255]
 

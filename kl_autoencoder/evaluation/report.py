@@ -27,9 +27,18 @@ import torch
 from PIL import Image
 
 from ..inference import decode, encode_moments
-from ..model import downsample_factor, model_summary, normalize_latents
+from ..model import model_summary, normalize_latents, size_multiple
 from ..utils.files import save_json, write_text
-from ..utils.images import ImageError, find_images, fit_crop, load_image, pil_to_tensor, save_grid, tensor_to_uint8
+from ..utils.images import (
+    ImageError,
+    find_images,
+    fit_crop,
+    load_image,
+    pil_to_tensor,
+    save_grid,
+    tensor_to_uint8,
+)
+from ..utils.locks import output_lock
 from . import metrics
 from .fid import make_fid
 from .lpips import make_lpips
@@ -119,17 +128,24 @@ def evaluate(
     ``compression``: also decode the latents rounded to fp16 and bf16 (two more decodes per image).
     Returns the metrics.json content.
     """
-    from tqdm import tqdm
-
     files = find_images(data)[:limit]
     if not files:
         raise FileNotFoundError(f"{data}: no images found (extensions: jpg, png, webp, bmp, tif)")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "eval"):  # one job per output folder
+        return _evaluate(vae, data, out, files, size, lpips_weights, inception_weights, compression, grid_images,
+                         {"tiling": tiling, "tile_size": tile_size}, progress)
+
+
+def _evaluate(vae: torch.nn.Module, data: str | Path, out: Path, files: list[Path], size: int | None,
+              lpips_weights: str | Path | None, inception_weights: str | Path | None, compression: bool, grid_images: int,
+              kw: dict, progress: bool) -> dict[str, Any]:
+    """evaluate()'s loop over the images and its three outputs."""
+    from tqdm import tqdm
+
     lpips_fn, lpips_info = make_lpips(lpips_weights)
     fid, fid_info = make_fid(inception_weights)
-    f = downsample_factor(vae)
-    kw = {"tiling": tiling, "tile_size": tile_size}
+    f = size_multiple(vae)  # 8; 16 for FLUX.2 (2x2 latent patches)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     grid: list[list[Image.Image]] = []
@@ -209,8 +225,18 @@ def _report(vae, data, size, rows, skipped, lpips_info, fid_info, fid, lat, comp
         },
         skipped=skipped,
         per_image=rows,
+        notes=_notes(rows),
     )
     return report
+
+
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What a reader of metrics.json must know about its null values (JSON has no Infinity)."""
+    exact = [r["file"] for r in rows if any(isinstance(v, float) and math.isinf(v) for v in r.values())]
+    if not exact:
+        return []
+    return [f"{len(exact)} of {len(rows)} image(s) came back exactly (infinite PSNR, written as null; the mean "
+            f"PSNR is then infinite, also null): {', '.join(exact[:5])}"]
 
 
 def format_value(v: Any, digits: int = 2) -> str:

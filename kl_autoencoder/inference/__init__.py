@@ -1,6 +1,13 @@
 """Running a VAE: encode/decode/reconstruct, memory planning, exact and approximate tiling, fast CPU paths."""
 
-from .codec import TILING_MODES, check_latents, decode, encode, encode_moments, reconstruct
+from .codec import (
+    TILING_MODES,
+    check_latents,
+    decode,
+    encode,
+    encode_moments,
+    reconstruct,
+)
 from .fastconv import optimize
 
 __all__ = ["TILING_MODES", "check_latents", "decode", "encode", "encode_moments", "optimize", "reconstruct"]

@@ -2,10 +2,14 @@
 
 Layout of an encode output folder OUT:
   ``shard-r{rank:03d}-{seq:06d}.safetensors``  tensors ``{key}.mean`` / ``{key}.logvar`` (C, h, w), raw
-      (unnormalised) posterior moments; header metadata ``format``, ``identity`` (JSON) and ``samples``
-      (JSON list: key, path, sha256, size, crop_box, flip, bucket).
-  ``manifest.json``  identity, factors, counts, skipped files and one entry per valid input (sorted by path).
-Writing: ``writer.py``; reading: ``dataset.py``.
+      (unnormalised) posterior moments of the first resolution, unflipped; further variants add a suffix
+      before ``.mean``: ``@512`` for another resolution, ``.flip`` for the mirror image (``{key}@512.flip.mean``).
+      Header metadata ``format``, ``identity`` (JSON) and ``samples`` (JSON list: key, path, sha256, size,
+      crop_box, flip, bucket, shape, caption, metadata; ``tar`` / ``tar_key`` for webdataset inputs).
+  ``manifest.json``  identity, factors, resolutions, flip, counts, skipped inputs and one entry per valid
+      input (sorted by path) without its caption and metadata: those stay in the shard headers, so the
+      manifest of a caption-heavy set stays small.
+Writing: ``shards.py`` / ``writer.py``; reading: ``dataset.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from safetensors import safe_open
 
 from ..errors import InputError
 from .buckets import Transform
+from .variants import Variants
 
 FORMAT = "kl-autoencoder-latents/1"
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.safetensors$")
@@ -40,10 +45,15 @@ def model_sha256(vae: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_identity(vae: torch.nn.Module, transform: Transform, dtype: str) -> dict[str, Any]:
-    """What must match for shards to be mixed: weights, latent channels, pixel transform, stored dtype."""
+def cache_identity(vae: torch.nn.Module, transform: Transform | Variants, dtype: str) -> dict[str, Any]:
+    """What must match for shards to be mixed: weights, latent channels, pixel transform(s) and flips, stored dtype."""
     return {"model_sha256": model_sha256(vae), "latent_channels": int(vae.config.latent_channels),
             "transform": transform.to_json(), "dtype": dtype}
+
+
+def moment_names(key: str, variant: str = "") -> tuple[str, str]:
+    """Tensor names of one stored variant's (mean, logvar); ``variant`` from ``Variants.suffix`` ("" = primary)."""
+    return f"{key}{variant}.mean", f"{key}{variant}.logvar"
 
 
 def shard_header(path: Path) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Swapping the VAE of a diffusers pipeline, after checking that the latent spaces agree.
 
-A diffusion model is trained on one VAE's normalised latents ``(z - shift) * scale``. A new VAE only
+A diffusion model is trained on one VAE's normalised latents (``(z - shift) * scale``, or the VAE's
+per-channel / FLUX.2 BatchNorm rule: ``model/normalization.py``). A new VAE only
 works in its place if its decoder reads those latents: a decoder fine-tuned on a frozen encoder
 (sd-vae-ft-mse) does; an unrelated VAE (another seed, SDXL's VAE under SD 1.5) decodes garbage. So
 before writing we measure, on sample images, the current encoder -> new decoder reconstruction (what
@@ -20,13 +21,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import AutoencoderKL
+from torch import nn
 
 from ..convert import load
 from ..errors import InputError
 from ..evaluation.metrics import psnr
 from ..evaluation.samples import load_sample_images, synthetic_images
 from ..inference import decode, encode
-from ..model import downsample_factor
+from ..model import is_vae, latent_normalization, normalized_channels, size_multiple
 from ..utils.files import staging_dir
 
 log = logging.getLogger("kl_autoencoder")
@@ -68,7 +70,7 @@ class SwapReport:
 
     def format(self) -> str:
         rows = [("latent channels", "latent_channels"), ("downsample factor", "downsample"), ("scaling_factor", "scaling_factor"),
-                ("shift_factor", "shift_factor"), ("latent std (normalised)", "latent_std")]
+                ("shift_factor", "shift_factor"), ("normalisation", "normalization"), ("latent std (normalised)", "latent_std")]
         lines = ["VAE swap compatibility report", f"  {'':26s}{'current VAE':>14s}{'new VAE':>14s}"]
         for label, key in rows:
             a, b = self.current.get(key), self.new.get(key)
@@ -88,10 +90,11 @@ class SwapReport:
         return "\n".join(lines + [f"  verdict: {verdict}"])
 
 
-def _describe(vae: AutoencoderKL) -> dict[str, Any]:
-    c = vae.config
-    return {"latent_channels": c.latent_channels, "downsample": downsample_factor(vae), "scaling_factor": float(c.scaling_factor),
-            "shift_factor": float(c.shift_factor) if getattr(c, "shift_factor", None) is not None else None}
+def _describe(vae: nn.Module) -> dict[str, Any]:
+    norm = latent_normalization(vae)
+    return {"latent_channels": normalized_channels(vae), "downsample": size_multiple(vae),
+            "scaling_factor": norm.scaling_factor if norm.kind != "batchnorm" else None, "shift_factor": norm.shift_factor,
+            "normalization": norm.kind}
 
 
 @torch.no_grad()
@@ -103,17 +106,18 @@ def compare_vaes(current: AutoencoderKL, new: AutoencoderKL, images: torch.Tenso
     if images is None:
         images = synthetic_images()
         report.images = f"{len(images)} synthetic images, {images.shape[-1]} px"
-    if current.config.latent_channels != new.config.latent_channels:
-        report.problems.append(f"latent channels differ ({current.config.latent_channels} vs {new.config.latent_channels}); "
-                               "no diffusion model can use both")
+    (c_cur, f_cur), (c_new, f_new) = ((r["latent_channels"], r["downsample"]) for r in (report.current, report.new))
+    if c_cur != c_new:
+        report.problems.append(f"latent channels differ ({c_cur} vs {c_new}); no diffusion model can use both")
         return report
-    if unet_in_channels is not None and unet_in_channels != new.config.latent_channels:
-        report.problems.append(f"the UNet takes {unet_in_channels} channels, the new VAE makes {new.config.latent_channels}")
-    if report.current["downsample"] != report.new["downsample"]:
-        report.problems.append(f"downsample factors differ ({report.current['downsample']} vs {report.new['downsample']})")
+    if f_cur != f_new:
+        report.problems.append(f"latent channels at different sizes (1/{f_cur} vs 1/{f_new}); no diffusion model can use both")
+        return report
+    if unet_in_channels is not None and unet_in_channels != report.new["latent_channels"]:
+        report.problems.append(f"the UNet takes {unet_in_channels} channels, the new VAE makes {report.new['latent_channels']}")
     kw = {"tiling": "never"}
-    z_cur = encode(current, images, **kw)  # (B, C, H/8, W/8) normalised: what the UNet was trained on
-    z_new = encode(new, images, **kw)
+    z_cur = encode(current, images, **kw).cpu()  # (B, C, H/8, W/8) normalised (each VAE's own rule): what the UNet was trained on
+    z_new = encode(new, images, **kw).cpu()  # the two VAEs may sit on different devices
     report.current["latent_std"], report.new["latent_std"] = float(z_cur.std()), float(z_new.std())
     report.psnr_current = psnr(images, decode(current, z_cur, **kw).clamp(-1, 1))
     report.psnr_new = psnr(images, decode(new, z_new, **kw).clamp(-1, 1))
@@ -215,7 +219,7 @@ def swap_vae(
     synthetic images of ``size`` px. ``show`` gets the report before anything is written.
     Raises IncompatibleVAEError unless compatible or ``force`` (never for differing latent channels).
     """
-    if not isinstance(vae, AutoencoderKL):
+    if not is_vae(vae):
         vae = load(vae)
     images, label = _check_images(images, size)
     is_dir = isinstance(pipe_or_dir, (str, Path))

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ..errors import InputError
-from ..model import downsample_factor
+from ..model import downsample_factor, latent_normalization
 
 
 def tiny_dit_pipeline(vae: AutoencoderKL, image_size: int = 64, *, seed: int = 0) -> DiTPipeline:
@@ -19,8 +19,10 @@ def tiny_dit_pipeline(vae: AutoencoderKL, image_size: int = 64, *, seed: int = 0
     DiTPipeline decodes with ``latents / scaling_factor`` and ignores shift_factor, so a VAE with a
     shift factor is refused rather than decoded wrongly.
     """
-    if getattr(vae.config, "shift_factor", None):
-        raise InputError("DiTPipeline ignores shift_factor; use a VAE without one (e.g. an f8c4 SD-style VAE)")
+    norm = latent_normalization(vae)
+    if norm.kind != "scalar" or norm.shift_factor:
+        raise InputError(f"DiTPipeline decodes latents / scaling_factor only; this VAE normalises {norm.describe()}: "
+                         "use one without a shift (e.g. an f8c4 SD-style VAE)")
     f = downsample_factor(vae)
     if image_size % (2 * f):
         raise InputError(f"image_size {image_size} must be a multiple of {2 * f} (VAE factor {f} x DiT patch 2)")

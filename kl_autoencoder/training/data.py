@@ -14,7 +14,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..utils.images import IMAGE_EXTENSIONS, ImageError, find_images, load_image, pil_to_tensor
+from ..utils.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    find_images,
+    load_image,
+    pil_to_tensor,
+)
 from ..utils.seeding import derive_seed
 
 
@@ -100,7 +106,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=g, device="cpu").tolist()
 
 
 class StreamSampler(Sampler):

@@ -49,12 +49,14 @@ class RunLog:
         old_path = self.dir / "config.yaml"
         if not old_path.is_file():
             return
-        old, new = yaml.safe_load(old_path.read_text()) or {}, self.cfg.to_dict()
+        old, new, defaults = yaml.safe_load(old_path.read_text()) or {}, self.cfg.to_dict(), Config().to_dict()
+        # a key the old config.yaml lacks was added to the schema since: its default is what that run used
+        was = lambda section, k: old.get(section, {}).get(k, defaults[section][k])  # noqa: E731
         diffs = [
-            f"{section}.{k}: {old.get(section, {}).get(k)!r} -> {v!r}"
+            f"{section}.{k}: {was(section, k)!r} -> {v!r}"
             for section, values in new.items() if isinstance(values, dict)
             for k, v in values.items()
-            if old.get(section, {}).get(k) != v and not (section == "train" and k in _RESUMABLE_CHANGES)
+            if was(section, k) != v and not (section == "train" and k in _RESUMABLE_CHANGES)
         ]
         if diffs:
             raise ConfigError(f"{old_path}: this run was started with another config ({'; '.join(diffs[:5])}); "

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..model import decode_raw, encoder_moments, posterior
+from ..utils.devices import seeded_randn
 from ..utils.seeding import derive_seed
 
 
@@ -29,12 +30,11 @@ class AutoencoderStep(nn.Module):
         return decode_raw(self.vae, z), mean, logvar  # (B, 3, H, W), (B, C, h, w) x2
 
 
-def posterior_noise(shape: tuple[int, ...], seed: int, step: int, rank: int, micro: int) -> torch.Tensor:
-    """Posterior noise keyed by each sample's place in the global batch: N processes with batch b draw
-    exactly what one process with batch N*b draws. (b, C, h, w) float32 on the CPU."""
+def posterior_noise(shape: tuple[int, ...], seed: int, step: int, rank: int, micro: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Posterior noise (b, C, h, w) float32 on ``device``, keyed by each sample's place in the global batch:
+    N processes with batch b draw exactly what one process with batch N*b draws. Drawn on the CPU and
+    moved (``utils/devices.py``), so the same seed gives the same noise on any device."""
     b = shape[0]
-    draws = []
-    for j in range(b):
-        g = torch.Generator().manual_seed(derive_seed("noise", seed, step, micro, rank * b + j))
-        draws.append(torch.randn(shape[1:], generator=g))
+    draws = [seeded_randn(tuple(shape[1:]), derive_seed("noise", seed, step, micro, rank * b + j), device) for j in range(b)]
     return torch.stack(draws)  # (b, C, h, w)

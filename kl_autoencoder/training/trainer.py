@@ -21,9 +21,10 @@ import torch.nn as nn
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..convert import export, load
 from ..model import create, downsample_factor
+from ..utils.locks import output_lock
 from .checkpoints import load_latest, save_checkpoint
 from .data import ImageFolder, StreamSampler, collate
 from .losses import AutoencoderObjective
@@ -137,7 +138,7 @@ def _generator_pass(cfg: Config, acc: Accelerator, run: RunLog, parts: _Parts, m
         batch = next(loader)
         run.note_files(batch)
         x = batch["pixels"].to(acc.device)  # (b, 3, crop, crop) in [-1, 1]
-        noise = posterior_noise(latent_shape, t.seed, step, acc.process_index, micro) if cfg.loss.sample_posterior else None
+        noise = posterior_noise(latent_shape, t.seed, step, acc.process_index, micro, acc.device) if cfg.loss.sample_posterior else None
         sync = acc.no_sync(model) if micro < t.grad_accum - 1 else contextlib.nullcontext()
         with sync:
             with acc.autocast():
@@ -166,13 +167,27 @@ def _discriminator_step(cfg: Config, acc: Accelerator, parts: _Parts, disc: nn.M
 
 
 def train(cfg: Config, data: str | Path | list, output: str | Path, *, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Train (or resume) into ``output``; returns the final status dict. ``data``: image folder(s)."""
+    """Train (or resume) into ``output``; returns the final status dict. ``data``: image folder(s).
+
+    The main process holds ``output``'s lock for the whole run: a second trainer there is refused.
+    """
     t = cfg.train
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1 (the number of optimiser steps)")
     # cpu=True on a machine without CUDA: under `accelerate launch --multi_gpu` (torchrun) that makes
     # accelerate join the processes with gloo (MULTI_CPU) instead of running N unconnected copies
     acc = accelerator or Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    with output_lock(output, "train") if acc.is_main_process else contextlib.nullcontext():
+        return _train(cfg, data, output, acc)
+
+
+def _train(cfg: Config, data: str | Path | list, output: str | Path, acc: Accelerator) -> dict[str, Any]:
+    """The run itself, top to bottom."""
+    t = cfg.train
     run = RunLog(output, cfg, is_main=acc.is_main_process, world_size=acc.num_processes)
     torch.manual_seed(t.seed)
+    if t.deterministic:
+        _deterministic_kernels()
 
     # ---- model, objective, optimisers; resume: the same command again continues from the newest checkpoint
     parts = _build(cfg)
@@ -230,11 +245,27 @@ def train(cfg: Config, data: str | Path | list, output: str | Path, *, accelerat
         with _ema_weights(parts.ema, parts.vae):
             if val is not None:
                 run.record_validation(validate(parts.vae, val, step))
-            export(parts.vae, Path(output) / "export", notes=run.export_notes(time.time() - start_time), name=cfg.name)
+            export(parts.vae, Path(output) / "export", notes=run.export_notes(time.time() - start_time), name=cfg.name,
+                   force=True)  # the run's own export: replaced at every finish
             log.info("exported %s", Path(output) / "export")
     acc.wait_for_everyone()
     run.close()
     return run.status()
+
+
+def _deterministic_kernels() -> None:
+    """Bitwise-repeatable GPU steps, so a resumed run equals an uninterrupted one on a GPU as on a CPU.
+
+    PyTorch "Reproducibility" notes: cuDNN's autotuner and some CUDA kernels (atomicAdd-based backward of
+    nearest upsampling, scatter-adds) are nondeterministic; ``use_deterministic_algorithms`` picks the
+    deterministic ones (warning where none exists) and cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG``.
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @contextlib.contextmanager

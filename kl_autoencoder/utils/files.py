@@ -9,6 +9,7 @@ and are then renamed over the target, which POSIX makes atomic.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -41,6 +42,31 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@contextlib.contextmanager
+def disk_full_says(path: str | Path, need: int, what: str) -> Iterator[None]:
+    """Turn ENOSPC inside the block into a DiskFullError naming ``path``, the space ``what`` needs (``need``
+    bytes, an estimate) and the free space, and saying the job resumes when run again."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        from ..errors import DiskFullError
+
+        free = shutil.disk_usage(Path(path).parent).free
+        raise DiskFullError(errno.ENOSPC, f"{path}: disk full while writing {what}: it needs about {human_bytes(need)}, "
+                            f"{human_bytes(free)} is free; free some space and run the same command again to resume") from None
 
 
 @contextlib.contextmanager

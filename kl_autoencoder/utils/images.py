@@ -7,9 +7,13 @@ message naming the file and the problem.
 
 from __future__ import annotations
 
+import io
+import logging
+import os
+import stat
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +23,9 @@ from ..errors import InputError
 from .files import atomic_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# files that accompany images (captions, metadata): not listed as skipped
+SIDECAR_EXTENSIONS = (".txt", ".caption", ".json", ".jsonl", ".csv", ".md", ".yaml", ".yml", ".npz", ".safetensors")
+log = logging.getLogger("kl_autoencoder")
 MAX_PIXELS = 1 << 28  # 268 M pixels (16K x 16K): more is refused rather than exhausting memory
 
 
@@ -26,14 +33,52 @@ class ImageError(InputError):
     """A file that cannot be used as an image; the message names the file and the reason."""
 
 
-def find_images(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursive, sorted); ``root`` may also be a single file."""
+def scan_images(root: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files under ``root``, recursive and sorted; [(entry, why it was skipped)]). ``root`` may be one file.
+
+    Skipped, with the reason: entries that cannot be read (symlink loops, broken links, no permission),
+    anything but a regular file, and files of another type (but caption/metadata sidecars and hidden files,
+    which sit beside images by design).
+    """
     root = Path(root)
     if root.is_file():
-        return [root]
+        return [root], []
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or folder")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images, skipped = [], []
+    for p in sorted(root.rglob("*")):
+        try:
+            mode = p.stat().st_mode  # follows links: a loop or a broken link raises here
+        except OSError as e:
+            skipped.append((p, f"unreadable ({e.strerror or e})"))
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            skipped.append((p, "not a regular file"))
+        elif p.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(p)
+        elif not p.name.startswith(".") and p.suffix.lower() not in SIDECAR_EXTENSIONS:
+            skipped.append((p, f"not an image type kl-autoencoder reads ({', '.join(IMAGE_EXTENSIONS)})"))
+    return images, skipped
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """All image files under ``root`` (recursive, sorted); ``root`` may also be a single file.
+
+    What ``scan_images`` skips is logged, one line per entry (the first 20), so nothing is left out unsaid.
+    """
+    images, skipped = scan_images(root)
+    log_skipped(skipped, root)
+    return images
+
+
+def log_skipped(skipped: list[tuple[Path, str]], root: str | Path) -> None:
+    """One warning per entry ``scan_images`` skipped (the first 20), then a count."""
+    for path, why in skipped[:20]:
+        log.warning("skipped %s: %s", os.fsdecode(path), why)
+    if len(skipped) > 20:
+        log.warning("skipped %d more entries under %s", len(skipped) - 20, root)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -67,27 +112,37 @@ def load_image(path: str | Path, *, min_size: int = 1) -> Image.Image:
     """
     path = Path(path)
     try:
+        return _open_rgb(path, str(path), min_size)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+
+
+def load_image_bytes(data: bytes, name: str, *, min_size: int = 1) -> Image.Image:
+    """``load_image`` for bytes already in memory (a tar member); errors name ``name`` (e.g. ``00000.tar/key.jpg``)."""
+    return _open_rgb(io.BytesIO(data), name, min_size)
+
+
+def _open_rgb(fp: Path | BinaryIO, name: str, min_size: int) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {img.width}x{img.height} is over the {MAX_PIXELS:,}-pixel limit")
+                    raise ImageError(f"{name}: {img.width}x{img.height} is over the {MAX_PIXELS:,}-pixel limit")
                 img.load()  # decode now: truncated files fail here, not later in a worker
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)
-    except ImageError:
+    except (ImageError, FileNotFoundError):
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: too large ({e})") from None
+        raise ImageError(f"{name}: too large ({e})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
+        raise ImageError(f"{name}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{path}: unreadable image ({msg})") from None
+        raise ImageError(f"{name}: unreadable image ({msg})") from None
     if min(rgb.size) < min_size:
-        raise ImageError(f"{path}: {rgb.width}x{rgb.height} is smaller than {min_size} pixels on a side")
+        raise ImageError(f"{name}: {rgb.width}x{rgb.height} is smaller than {min_size} pixels on a side")
     return rgb
 
 

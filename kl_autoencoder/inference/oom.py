@@ -1,0 +1,47 @@
+"""Out of memory in the middle of a batch job: halve the batch and go on, instead of losing the job.
+
+The memory plan (``memory_plan.py``) is an estimate; a GPU shared with another process, allocator
+fragmentation or a larger image than the rest can still run out. ``split_on_oom`` runs a batch, and on an
+out-of-memory error frees the cached blocks and runs each half, down to single items; what it had to do is
+reported through ``on_split`` (the encode job counts it in its manifest).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's ``torch.OutOfMemoryError``, or the CPU allocator's failure (a RuntimeError naming it)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def split_on_oom(fn: Callable[[torch.Tensor], T], x: torch.Tensor, *,
+                 on_split: Callable[[int, int], None] | None = None) -> list[T]:
+    """``[fn(x)]``, or on out-of-memory the results of ``fn`` on the halves of ``x`` (dim 0), recursively, in order.
+
+    ``on_split(batch, half)`` is called at each halving. A single item that still runs out re-raises.
+    """
+    try:
+        return [fn(x)]
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else re-raises below
+        if not is_out_of_memory(e) or x.shape[0] <= 1:
+            raise
+    _free(x.device)
+    half = (x.shape[0] + 1) // 2
+    if on_split is not None:
+        on_split(x.shape[0], half)
+    return split_on_oom(fn, x[:half], on_split=on_split) + split_on_oom(fn, x[half:], on_split=on_split)
