@@ -82,14 +82,16 @@ def test_img2dataset_tars_survive_three_kills_and_reencode_only_a_changed_tar(mi
     kw = dict(resolution=64, batch_size=1, shard_size=1, num_workers=0, progress=False)
 
     # three real SIGKILLs of a child process at random points: after a random number of shards, plus jitter
-    rng, fork = random.Random(20261130), multiprocessing.get_context("fork")  # fork: no second interpreter start
+    # spawn, not fork: a child forked from a process whose OpenMP pool has run hangs in its first parallel op
+    rng, spawn = random.Random(20261130), multiprocessing.get_context("spawn")
     at_kill = []
     for target in sorted(rng.sample(range(2, len(valid) - 2), 3)):
-        child = fork.Process(target=encode_dataset, args=(micro_vae, spec, out), kwargs=kw)
+        child = spawn.Process(target=encode_dataset, args=(micro_vae, spec, out), kwargs=kw)
         child.start()
         deadline = time.monotonic() + 120
         while len(_shards(out)) < target and child.is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)
+        assert len(_shards(out)) >= target, "the encode child made no progress"
         time.sleep(rng.uniform(0.0, 0.03))
         os.kill(child.pid, signal.SIGKILL)
         child.join()

@@ -162,5 +162,5 @@ def test_latent_dataset_sampling_and_transfer_to_cuda(monkeypatch, tmp_path: Pat
         on_gpu = to_device(batch, "cuda")
         vae = ka.create(MICRO)
         assert _on_cuda(on_gpu["latents"], ka.decode(vae, on_gpu["latents"]))
-        monkeypatch.setattr(ds, "moments", lambda i: (torch.zeros(4, 8, 8), torch.zeros(4, 8, 8)))  # cuda by default here
+        monkeypatch.setattr(ds, "moments", lambda i, flip=False: (torch.zeros(4, 8, 8), torch.zeros(4, 8, 8)))  # cuda by default here
         assert _on_cuda(ds[0]["latents"])

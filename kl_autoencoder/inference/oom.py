@@ -23,9 +23,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
-def _free(device: torch.device) -> None:
+def _free() -> None:
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # the batch may sit on the CPU, the model not
         torch.cuda.empty_cache()
 
 
@@ -40,7 +40,7 @@ def split_on_oom(fn: Callable[[torch.Tensor], T], x: torch.Tensor, *,
     except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else re-raises below
         if not is_out_of_memory(e) or x.shape[0] <= 1:
             raise
-    _free(x.device)
+    _free()
     half = (x.shape[0] + 1) // 2
     if on_split is not None:
         on_split(x.shape[0], half)

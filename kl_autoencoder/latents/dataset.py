@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..model import normalization_from_manifest, posterior
 from ..utils.devices import randn
 from ..utils.seeding import derive_seed
-from .format import moment_names, read_manifest
+from .format import CacheMismatchError, moment_names, read_manifest, shard_header
 
 
 def sample_seed(seed: int, index: int, epoch: int) -> int:
@@ -106,12 +106,28 @@ class LatentDataset(Dataset):
         """(open shard, its header's samples by key), least recently used closed first."""
         e = self._open.pop(name, None)
         if e is None:
-            f = safe_open(str(self.root / name), framework="pt")
-            e = (f, {s["key"]: s for s in json.loads(f.metadata()["samples"])})
+            e = self._open_shard(self.root / name)
             if len(self._open) >= self.max_open_shards:
                 self._open.popitem(last=False)
         self._open[name] = e  # most recently used last
         return e
+
+    def _open_shard(self, path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
+        """A shard the manifest names, refused in one line when it was not written by this cache's job
+        (another model, dtype or transform: its ``identity`` differs) or is not a whole shard."""
+        header = shard_header(path)  # CacheMismatchError naming a file that is not safetensors
+        try:
+            identity = json.loads(header["identity"])
+            samples = json.loads(header["samples"])
+        except (KeyError, json.JSONDecodeError):
+            raise CacheMismatchError(f"{path}: not a kl-autoencoder latent shard; run the same encode command "
+                                     "again to rebuild the cache") from None
+        want = self.manifest.get("identity")
+        if want is not None and identity != want:
+            diff = [k for k in want if identity.get(k) != want.get(k)] or ["identity"]
+            raise CacheMismatchError(f"{path}: made with a different {', '.join(diff)} than {self.root / 'manifest.json'}; "
+                                     "run the same encode command again to rebuild the cache")
+        return safe_open(str(path), framework="pt"), {s["key"]: s for s in samples}
 
     def _shard(self, name: str) -> Any:
         return self._entry(name)[0]

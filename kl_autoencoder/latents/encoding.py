@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..inference import encode_moments
+from ..inference.oom import split_on_oom
 from ..utils.images import ImageError, load_image_bytes
 from .sources import RawSample, Source
 from .variants import Variants
+
+log = logging.getLogger("kl_autoencoder")
 
 Digests = dict[str, dict[str, set[str]]]  # path -> image sha256 -> text digests of the stored entries
 Moments = dict[str, tuple[torch.Tensor, torch.Tensor]]  # variant suffix -> (mean, logvar), each (C, h, w)
@@ -69,8 +73,20 @@ def prepare(raw: RawSample, known: Digests, variants: Variants) -> dict[str, Any
     except ImageError as e:
         return dict(base, status="skipped", reason=str(e))
     pixels, box, buckets = variants.apply(img)
+    _warn_upscaled(raw.path, img.size, box, buckets)
     return dict(base, status="new", sha256=sha, size=[img.width, img.height], crop_box=list(box), flip=False,
                 bucket=list(buckets[0]), buckets=[list(b) for b in buckets], pixels=pixels, **text)
+
+
+UPSCALE_WARNING = 4.0  # a crop blown up more than this carries almost no detail to learn from
+
+
+def _warn_upscaled(path: str, size: tuple[int, int], box: tuple[int, int, int, int], buckets: list) -> None:
+    """One line for an image far smaller than what it is encoded at (e.g. a 1x1 icon as 256 x 256)."""
+    factor = max(b[0] for b in buckets) / max(1, box[2] - box[0])
+    if factor > UPSCALE_WARNING:
+        log.warning("%s: %dx%d pixels, upscaled %.0fx to %dx%d; its latents hold little detail", path, *size,
+                    factor, *buckets[-1])
 
 
 def group_key(record: dict[str, Any]) -> tuple:
@@ -90,15 +106,25 @@ def encode_pixels(vae: torch.nn.Module, x: torch.Tensor, device: torch.device, e
     return encode_moments(vae, x, pad=None, **encode_kw)
 
 
+def log_split(batch: int, half: int) -> None:
+    log.warning("encode: out of memory with a batch of %d; retrying as batches of %d (lower --batch-size to avoid it)",
+                batch, half)
+
+
 def encode_records(vae: torch.nn.Module, records: list[dict[str, Any]], variants: Variants, store: torch.dtype,
-                   device: torch.device, encode_kw: dict[str, Any]) -> list[Moments]:
-    """Moments of every variant of ``records`` (one ``group_key``), stored dtype, on the CPU."""
+                   device: torch.device, encode_kw: dict[str, Any],
+                   on_split: Callable[[int, int], None] | None = None) -> list[Moments]:
+    """Moments of every variant of ``records`` (one ``group_key``), stored dtype, on the CPU.
+
+    Out of memory halves the batch and retries (``inference/oom.py``); ``on_split(batch, half)`` hears of it."""
     out: list[Moments] = [{} for _ in records]
     for index, flipped in variants.each():
         x = torch.stack([r["pixels"][index] for r in records])  # (B, h, w, 3) uint8
         if flipped:
             x = x.flip(2)  # the mirror image: reverse the width axis
-        mean, logvar = encode_pixels(vae, x, device, encode_kw)  # (B, C, h/8, w/8)
+        parts = split_on_oom(lambda xs: encode_pixels(vae, xs, device, encode_kw), x, on_split=on_split)
+        mean = torch.cat([m for m, _ in parts])  # (B, C, h/8, w/8)
+        logvar = torch.cat([lv for _, lv in parts])
         mean, logvar = mean.to("cpu", store).contiguous(), logvar.to("cpu", store).contiguous()  # chunk() gave views
         suffix = variants.suffix(index, flipped)
         for i, moments in enumerate(out):

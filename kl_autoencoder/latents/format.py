@@ -57,8 +57,13 @@ def moment_names(key: str, variant: str = "") -> tuple[str, str]:
 
 
 def shard_header(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    """The header metadata of a shard (raises CacheMismatchError naming a file that is not safetensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError
+        raise CacheMismatchError(f"{path}: not a readable safetensors shard ({str(e).splitlines()[0]}); "
+                                 f"move it out of {path.parent} or delete it (a rerun re-encodes its samples)") from None
 
 
 def scan_shards(out: Path) -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
@@ -74,12 +79,24 @@ def scan_shards(out: Path) -> list[tuple[Path, dict[str, Any], list[dict[str, An
     return found
 
 
+def load_manifest(path: Path) -> dict[str, Any] | None:
+    """The JSON of ``path``, or None when it is cut short or not JSON (the shards hold the finished work)."""
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """``root/manifest.json`` of a finished encode job (raises with the fix otherwise)."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; is {root} an output folder of `kl-autoencoder encode`?")
-    m = json.loads(path.read_text())
+    m = load_manifest(path)
+    if m is None:
+        raise InputError(f"{path}: not valid JSON (cut short?); run the same encode command again: it rewrites the "
+                         "manifest from the shards")
     if m.get("format") != FORMAT:
         raise InputError(f"{path}: format {m.get('format')!r} is not {FORMAT}")
     if not m.get("complete"):

@@ -31,7 +31,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..errors import InputError
-from .encoding import encode_records, group_key, prepare
+from .encoding import encode_records, group_key, log_split, prepare
 from .sources import source_from_json
 from .variants import Variants
 
@@ -139,7 +139,7 @@ class RayEncoder:
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
                 moments = encode_records(self.vae, [records[i] for i in chunk], self.variants, self.store,
-                                         self.device, self.encode_kw)
+                                         self.device, self.encode_kw, on_split=log_split)
                 for i, m in zip(chunk, moments):
                     blobs[i] = save_tensors({f"{sfx}.{k}": t for sfx, (mean, logvar) in m.items()
                                              for k, t in (("mean", mean), ("logvar", logvar))})

@@ -18,16 +18,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..utils.files import atomic_path, save_json
+from ..utils.files import atomic_path, disk_full_says, save_json
 from .encoding import Digests, Moments, stored_meta, text_digest
-from .format import FORMAT, SHARD_RE, CacheMismatchError, moment_names, scan_shards
+from .format import FORMAT, SHARD_RE, CacheMismatchError, load_manifest, moment_names, scan_shards
 from .variants import Variants
 
 log = logging.getLogger("kl_autoencoder")
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:  # fsynced before the name says the shard exists; mode as the umask says
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    # a full disk: one line with the space needed; the temp file goes, finished shards stay, a rerun resumes
+    with disk_full_says(path, need, "a latent shard"), atomic_path(path) as tmp:  # fsynced before it has its name
         save_file(tensors, str(tmp), metadata=metadata)
 
 
@@ -129,7 +131,7 @@ class Collector:
         self.kept: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
         self.done: set[str] = set()
-        self.counts = {"inputs": 0, "encoded": 0, "unchanged": 0, "recaptioned": 0, "duplicates": 0}
+        self.counts = {"inputs": 0, "encoded": 0, "unchanged": 0, "recaptioned": 0, "duplicates": 0, "oom_halvings": 0}
 
     def take(self, record: dict[str, Any], moments: Moments | None = None) -> None:
         status, path = record["status"], record["path"]
@@ -170,7 +172,9 @@ def prepare_out(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
     if overwrite:
         for p in ours:
             p.unlink()
-    old = json.loads(manifest.read_text()) if manifest.is_file() else None
+    old = load_manifest(manifest) if manifest.is_file() else None
+    if manifest.is_file() and old is None:
+        log.warning("%s: not valid JSON (cut short?); rewriting it from the shards", manifest)
     others = {json.dumps(i, sort_keys=True) for _, i, _ in scan_shards(out)}
     if old is not None:
         others.add(json.dumps(old.get("identity"), sort_keys=True))

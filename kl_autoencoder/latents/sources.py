@@ -55,6 +55,7 @@ class FolderSource:
     units: list[str]  # paths relative to root ("" when root is a file)
     tables: dict[str, Captioned]
     rule: CaptionRule
+    not_read: list[dict[str, str]] = field(default_factory=list)  # entries the folder scan skipped, with why
 
     def read(self, unit: str) -> Iterator[RawSample]:
         path = self.root / unit if unit else self.root
@@ -171,7 +172,8 @@ def open_source(data: str | Path | Sequence[str | Path], caption_key: str | None
         if files or tables:
             log_skipped(others, path)  # what is neither an image nor a sidecar, said once (not for a folder of tars)
             rels = {p.relative_to(path).as_posix() for p in files}
-            return FolderSource(path, sorted(rels | set(tables)), tables, rule)
+            skipped = [{"path": p.relative_to(path).as_posix(), "reason": f"{p}: {why}"} for p, why in others]
+            return FolderSource(path, sorted(rels | set(tables)), tables, rule, skipped)
         tars = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES))
         if tars:
             return _tars(tars, rule)

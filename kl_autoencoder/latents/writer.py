@@ -14,6 +14,7 @@ call wraps one call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,8 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..model import downsample_factor, latent_normalization, resolve_dtype
 from ..utils.files import save_json
-from .encoding import Digests, Job, encode_records, group_key, prepare
+from ..utils.locks import output_lock
+from .encoding import Digests, Job, encode_records, group_key, log_split, prepare
 from .format import FORMAT, CacheMismatchError, cache_identity, scan_shards
 from .ray_engine import RayOptions
 from .shards import Collector, Known, ShardWriter, prepare_out
@@ -80,7 +82,11 @@ def _identity_collate(x: Any) -> Any:
 
 def _encode_batch(job: Job, collector: Collector, records: list[dict[str, Any]]) -> None:
     """One batch of same-bucket records through the encoder (every variant) into the shards."""
-    moments = encode_records(job.vae, records, job.variants, job.store, job.device, job.encode_kw)
+    def halved(batch: int, half: int) -> None:
+        log_split(batch, half)
+        collector.counts["oom_halvings"] += 1  # reported in the manifest's counts
+
+    moments = encode_records(job.vae, records, job.variants, job.store, job.device, job.encode_kw, on_split=halved)
     for record, m in zip(records, moments):
         collector.take(record, m)
 
@@ -157,11 +163,22 @@ def encode_dataset(
     state = PartialState(cpu=not torch.cuda.is_available())
     if engine == "ray" and state.num_processes > 1:
         raise InputError("--engine ray is one driver process with Ray workers; run it without accelerate launch")
-    if engine == "default" and next(vae.parameters()).device != state.device:
-        vae = vae.to(state.device)
+    if engine == "default" and state.num_processes > 1 and next(vae.parameters()).device != state.device:
+        vae = vae.to(state.device)  # one GPU per process under accelerate launch; alone, the model stays put
+    job = Job(vae, Path(out), source, variants, cache_identity(vae, variants, dtype), store,
+              next(vae.parameters()).device, state.process_index, state.num_processes,
+              {"tiling": tiling, "tile_size": tile_size})
+    # one job per output folder: a second one would interleave shards and race on manifest.json
+    with output_lock(job.out, "encode") if state.is_main_process else contextlib.nullcontext():
+        return _run_job(job, state, engine, overwrite, shard_size, batch_size, num_workers, progress, ray, dtype,
+                        model_name)
+
+
+def _run_job(job: Job, state: Any, engine: str, overwrite: bool, shard_size: int, batch_size: int, num_workers: int,
+             progress: bool, ray: RayOptions | None, dtype: str, model_name: str | None) -> EncodeResult:
+    """Every process: prepare OUT (main), encode this share, write its part; main merges the manifest."""
+    vae, variants, source = job.vae, job.variants, job.source
     t0 = time.perf_counter()
-    job = Job(vae, Path(out), source, variants, cache_identity(vae, variants, dtype), store, state.device,
-              state.process_index, state.num_processes, {"tiling": tiling, "tile_size": tile_size})
     if state.is_main_process:
         prepare_out(job.out, job.identity, overwrite)
     state.wait_for_everyone()
@@ -228,9 +245,10 @@ def _merge(vae, out: Path, world: int, identity: dict, variants: Variants, dtype
         "buckets": [list(b) for b in variants.transforms[0].buckets],
         "source": source.describe(),
         "counts": {"inputs": sum(p["inputs"] for p in parts), "samples": len(samples),
-                   **{k: sum(p[k] for p in parts) for k in ("encoded", "unchanged", "recaptioned", "duplicates")},
-                   "skipped": sum(len(p["skipped"]) for p in parts), "no_caption": no_caption, "world_size": world},
-        "skipped": sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["path"]),
+                   **{k: sum(p.get(k, 0) for p in parts) for k in ("encoded", "unchanged", "recaptioned", "duplicates", "oom_halvings")},
+                   "skipped": sum(len(p["skipped"]) for p in parts) + len(getattr(source, "not_read", [])), "no_caption": no_caption, "world_size": world},
+        "skipped": sorted([*(s for p in parts for s in p["skipped"]), *getattr(source, "not_read", [])],
+                          key=lambda s: s["path"]),
         "shards": sorted(live),
         "samples": samples,
     }
