@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..convert import update_config
+from .. import settings
 from ..errors import InputError
 from ..model import DTYPES, decode_raw, encoder_moments
 from .metrics import psnr
@@ -145,9 +146,12 @@ def _run(vae: AutoencoderKL, x: torch.Tensor, z_ref: torch.Tensor | None, emulat
     handles = _round_outputs(vae, emulate) if emulate else []
     rec = ActivationRecorder(vae)  # registered after the rounding hooks, so it sees rounded outputs
     try:
-        moments = encoder_moments(vae, rnd(x))  # (B, 2C, H/8, W/8)
-        mean = moments.chunk(2, dim=1)[0].float()
-        out = decode_raw(vae, rnd(z_ref if z_ref is not None else mean)).float()  # (B, 3, H, W)
+        # eager modules: the fused CPU kernels (inference/fastconv.py) run GroupNorm, SiLU and the upsample
+        # inside the next conv, so their outputs would reach no hook and go unmeasured
+        with settings.use_fastconv(False):
+            moments = encoder_moments(vae, rnd(x))  # (B, 2C, H/8, W/8)
+            mean = moments.chunk(2, dim=1)[0].float()
+            out = decode_raw(vae, rnd(z_ref if z_ref is not None else mean)).float()  # (B, 3, H, W)
     finally:
         rec.remove()
         for handle in handles:
