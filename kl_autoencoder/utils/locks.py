@@ -28,12 +28,18 @@ class LockedError(KLAutoencoderError):
     """The output folder is in use by another job."""
 
 
-def _holder(info: Path) -> str:
-    try:
-        h = json.loads(info.read_text())
-        return f"PID {h['pid']}, `{h['command']}`, since {h['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _holder(info: Path, wait_s: float = 1.0) -> str:
+    """Who holds the lock. The holder writes ``info`` just after taking the lock, so a job refused in that
+    instant finds it missing or half written: it looks again for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            h = json.loads(info.read_text())
+            return f"PID {h['pid']}, `{h['command']}`, since {h['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
 
 
 @contextlib.contextmanager
