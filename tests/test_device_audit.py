@@ -111,6 +111,10 @@ def test_memory_plan_follows_the_cuda_budget(monkeypatch):
             plans[name] = memory_plan.tiling_plan(vae, shape, "encode")
             assert memory_plan.memory_budget(vae) == int(memory_plan.CUDA_MEMORY_FRACTION * free)
     assert plans == {"plenty": "whole", "one image": "slices", "tiles": "tiles", "nothing": "approx"}
+    # blocks torch's caching allocator keeps but does not use are free for us, though mem_get_info says taken
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4_000)
+    assert memory_plan.available_memory("cuda") == 1 + 6_000
 
 
 def test_dtypes_and_force_upcast():

@@ -112,6 +112,7 @@ def test_dtype_runs_the_encoder_and_latent_dtype_stores(tmp_path, monkeypatch):
 GO = """
 import pathlib, sys, time
 from kl_autoencoder import cli            # the slow part (torch, diffusers) before the start signal
+print("ready", flush=True)
 go = pathlib.Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.005)
@@ -132,7 +133,7 @@ def test_two_encodes_into_one_folder_exactly_one_runs(tmp_path):
         cmd = [sys.executable, "-c", GO, str(go), "encode", str(model), str(tmp_path / "data"), str(tmp_path / "out"),
                "--resolution", "64", "--num-workers", "0", "--batch-size", "1", "--shard-size", "2", "--latent-dtype", dtype]
         procs[dtype] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    assert all(p.stdout.readline().strip() == "ready" for p in procs.values())
     go.touch()  # both have imported everything: they reach the lock within milliseconds of each other
     results = {d: (p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for d, p in procs.items()}
     assert sorted(code for code, _, _ in results.values()) == [0, 2], results

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kl_autoencoder.inference import groupnorm
 
-pytestmark = pytest.mark.skipif(groupnorm.library() is None, reason="no gcc/OpenMP to build the kernels")
+# skipped only where there is no compiler: a kernel that fails to build with gcc present fails the tests
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build the kernels")
 
 
 def _norm(groups: int, channels: int, seed: int = 0) -> torch.nn.GroupNorm:

@@ -240,5 +240,7 @@ def test_bf16_mixed_precision_on_cpu_learns(tmp_path, monkeypatch, request):
     status = train(cfg, data, tmp_path / "run")
     assert status["step"] == 32 and status["skipped_nonfinite"] == 0
     assert dtypes == {torch.bfloat16}  # the decoder's output came out of bf16 autocast
+    weights = _final(tmp_path / "run", 32)["vae"]
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # ... while the weights stayed fp32
     assert all(np.isfinite(rec))
     assert np.mean(rec[-8:]) < 0.85 * np.mean(rec[:8]), rec

@@ -15,6 +15,7 @@ from ..errors import KLAutoencoderError
 from ..inference.runtime import prepare
 from ..model import FAMILIES, create, default_model_path
 from ..utils.images import IMAGE_EXTENSIONS
+from ..utils.locks import LOCK_NAME
 
 MODEL_HELP = (
     "a diffusers VAE folder, a pipeline folder (its vae/), a weights file (.safetensors/.ckpt/.pt/.bin), "
@@ -154,7 +155,8 @@ def add_force_arg(p: argparse.ArgumentParser) -> None:
 def check_output(path: str | Path, force: bool, *, folder: bool) -> None:
     """Refuse an existing output (a non-empty folder, or a file) unless --force: nothing written before is lost."""
     p = Path(path)
-    exists = (p.is_dir() and any(p.iterdir())) if folder else p.exists()
+    # the lock file a finished or killed job of ours leaves (filelock keeps it) is not the user's output
+    exists = (p.is_dir() and any(not c.name.startswith(LOCK_NAME) for c in p.iterdir())) if folder else p.exists()
     if exists and not force:
         kind = "folder is not empty" if folder else "file exists"
         raise CLIError(f"{p}: the output {kind}; choose another output, or pass --force to replace what is there")

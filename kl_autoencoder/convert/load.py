@@ -50,11 +50,13 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None, allow_nonfinite: b
         _no_integer_weights(f)
     try:
         vae = vae_class(name, str(cfg)).from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:  # diffusers' own messages can span lines
+    except (OSError, ValueError, RuntimeError) as e:  # diffusers' own messages can span lines
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"{folder}: the diffusers folder does not load ({first[:300]})") from None
     sd = vae.state_dict()
-    check_values(sd, sd, str(folder), allow_nonfinite)  # diffusers casts an integer file to the model's dtype: caught
+    # NaN/inf only: diffusers has cast every tensor to the model's dtype by now, so integer weights are caught
+    # before loading, from the safetensors headers (_no_integer_weights; .bin files are not checked for them)
+    check_values(sd, sd, str(folder), allow_nonfinite)
     return vae
 
 

@@ -111,8 +111,8 @@ def elbo_bits_per_dim(
     else:
         rec = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
         for k in range(samples):
-            # one draw per image from its own CPU generator: an image's score depends on neither its batch nor the device
-            eps = torch.stack([seeded_randn(tuple(mean.shape[1:]), seed + k, device) for _ in range(x.shape[0])])
+            # the same draw for every image, from a seeded CPU generator: a score depends on neither batch nor device
+            eps = seeded_randn(tuple(mean.shape[1:]), seed + k, device).expand_as(mean)  # (B, C, h/8, w/8)
             z = posterior.sample(mean, logvar, eps)  # (B, C, h/8, w/8) raw posterior sample
             mu = decode(vae, normalize_latents(vae, z), tiling="never")[..., :h, :w]  # (B, 3, H, W)
             rec += discretized_gaussian_bits(x, mu, sigma) / dims / samples

@@ -21,6 +21,7 @@ AMX, oneDNN would emulate bf16 (slower than fp32): ``fastconv.optimize`` runs su
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn as nn
@@ -47,11 +48,13 @@ void subpixel_interleave(const uint16_t* o, uint16_t* y, long h, long w, long co
 """
 
 
+@functools.cache
 def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_long, ctypes.c_void_p
     return build("bf16", _SOURCE, {"subpixel_interleave": (None, [ptr, ptr, i64, i64, i64, ctypes.c_int])})
 
 
+@functools.cache  # asked per conv; the CPU and the torch build do not change
 def supported() -> bool:
     """True when this CPU computes bf16 natively (``avx512_bf16`` or AMX) and PyTorch's oneDNN has bf16."""
     try:
@@ -77,13 +80,14 @@ def _packed(conv: nn.Conv2d, kind: str, make, x: torch.Tensor) -> tuple[torch.Te
     w = conv.weight
     key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(x.shape[1:]))
     cache = conv.__dict__.setdefault("_bf16_cache", _Cache())
-    if cache.get(kind, (None,))[0] != key:
+    entry = cache.get(kind)
+    if entry is None or entry[0] != key:
         weight, bias, padding = make()
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, padding, list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
         )
-        cache[kind] = (key, packed, bias)
-    return cache[kind][1], cache[kind][2]
+        entry = cache[kind] = (key, packed, bias)
+    return entry[1], entry[2]  # this call's entry, whatever another thread stored meanwhile
 
 
 class _Cache(dict):

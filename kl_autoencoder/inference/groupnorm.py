@@ -17,6 +17,7 @@ bf16 path, ``bf16.py``), whose input is widened to float32 and whose output is r
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn as nn
@@ -126,6 +127,7 @@ void affine_nhwc_bf16(const uint16_t* x, uint16_t* y, const float* scale, const 
 """
 
 
+@functools.cache  # called per norm: hashing the source each time cost ~12 us
 def library() -> ctypes.CDLL | None:
     i64, ptr, f32, i32 = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     stats = (None, [ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, i32])
@@ -162,7 +164,7 @@ def norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor,
     lib, layout = library(), _layout(x)
     b, c = x.shape[:2]
     hw = x.shape[2] * x.shape[3]
-    scale, shift = torch.empty(b, c), torch.empty(b, c)  # (B, C)
+    scale, shift = torch.empty(b, c, dtype=torch.float32), torch.empty(b, c, dtype=torch.float32)  # (B, C)
     gamma = norm.weight.detach().float().contiguous() if norm.affine else None
     beta = norm.bias.detach().float().contiguous() if norm.affine else None
     fn = lib.gn_affine_nchw if layout == "nchw" else lib.gn_affine_nhwc_bf16

@@ -29,12 +29,14 @@ TILED_PEAK_FACTOR = 4.5
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
-    """Bytes free for new allocations on ``device``: ``torch.cuda.mem_get_info`` on a GPU (the model's own
-    weights are already resident there), else the host's available RAM (psutil if installed, else sysconf)."""
+    """Bytes free for new allocations on ``device``: on a GPU ``torch.cuda.mem_get_info`` plus what torch's
+    caching allocator holds but does not use (mem_get_info counts it as taken: without it the second large
+    call would plan from a budget the first one's freed blocks still fill; the model's own weights are
+    resident and not counted), else the host's available RAM (psutil if installed, else sysconf)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         import psutil
 

@@ -17,10 +17,12 @@ T = TypeVar("T")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's ``torch.OutOfMemoryError``, or the CPU allocator's failure (a RuntimeError naming it)."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+    """CUDA's ``OutOfMemoryError``, or what accelerate's batch-size finder treats as out of memory (the
+    messages of CUDA/HIP/XPU/MPS and the CPU allocator: ``accelerate.utils.memory.should_reduce_batch_size``)."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError is its alias only from torch 2.5 (we allow 2.4)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or should_reduce_batch_size(e)
 
 
 def _free() -> None:

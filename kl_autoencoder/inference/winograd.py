@@ -19,6 +19,7 @@ map is never written to memory. When to use it instead of NNPACK or eager: ``fas
 from __future__ import annotations
 
 import ctypes
+import functools
 from fractions import Fraction
 
 import torch
@@ -238,6 +239,7 @@ static inline void at{m}_1d(const v16* d, v16* o) {{
     return "\n".join(out) + "\n"
 
 
+@functools.cache  # called per conv: the source (about 18 KB, exact fractions) is generated and hashed once
 def winograd_library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use, ``cbuild.py``); None without gcc/OpenMP."""
     i64, ptr = ctypes.c_long, ctypes.c_void_p
@@ -315,7 +317,7 @@ def winograd_conv2d(
     co = conv.out_channels
     u = packed_weights(conv, m)
     x = x.contiguous()  # (B, C_in, h, w)
-    y = torch.empty(b, co, hh, ww)  # (B, C_out, H, W)
+    y = torch.empty(b, co, hh, ww, dtype=torch.float32)  # (B, C_out, H, W)
     bias = conv.bias.detach().contiguous() if conv.bias is not None else None
     if scale is not None:
         scale, shift = scale.float().contiguous(), shift.float().contiguous()  # (B, C_in) each

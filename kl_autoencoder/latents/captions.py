@@ -12,6 +12,7 @@ members (``key.txt``, ``key.json``): ``sources.py``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,24 @@ def read_tables(root: Path, rule: CaptionRule) -> dict[str, Captioned]:
     return out
 
 
+def _csv_rows(table: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """Rows with the line each ends on (quoted captions may span lines); a row longer than the header is refused."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    for r in reader:
+        if None in r:
+            raise InputError(f"{table} line {reader.line_num}: more fields than the header has columns")
+        rows.append((reader.line_num, dict(r)))
+    return rows
+
+
 def _rows(table: Path) -> list[tuple[int, dict[str, Any]]]:
-    text = table.read_text(encoding="utf-8-sig")
-    if table.suffix == ".csv":
-        return [(i + 2, dict(r)) for i, r in enumerate(csv.DictReader(text.splitlines()))]  # line 1: the header
+    try:
+        text = table.read_text(encoding="utf-8-sig")
+        if table.suffix == ".csv":
+            return _csv_rows(table, text)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{table}: not a readable UTF-8 table ({e})") from None
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():

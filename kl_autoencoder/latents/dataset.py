@@ -115,7 +115,12 @@ class LatentDataset(Dataset):
     def _open_shard(self, path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
         """A shard the manifest names, refused in one line when it was not written by this cache's job
         (another model, dtype or transform: its ``identity`` differs) or is not a whole shard."""
-        header = shard_header(path)  # CacheMismatchError naming a file that is not safetensors
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception:  # noqa: BLE001 - safetensors' own error types
+            shard_header(path)  # raises the one-line CacheMismatchError naming the file
+            raise
+        header = f.metadata() or {}
         try:
             identity = json.loads(header["identity"])
             samples = json.loads(header["samples"])
@@ -127,7 +132,7 @@ class LatentDataset(Dataset):
             diff = [k for k in want if identity.get(k) != want.get(k)] or ["identity"]
             raise CacheMismatchError(f"{path}: made with a different {', '.join(diff)} than {self.root / 'manifest.json'}; "
                                      "run the same encode command again to rebuild the cache")
-        return safe_open(str(path), framework="pt"), {s["key"]: s for s in samples}
+        return f, {s["key"]: s for s in samples}
 
     def _shard(self, name: str) -> Any:
         return self._entry(name)[0]

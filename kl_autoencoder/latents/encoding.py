@@ -45,6 +45,7 @@ class Job:
     rank: int
     world: int
     encode_kw: dict[str, Any] = field(default_factory=dict)
+    batch_limit: int | None = None  # the largest batch that fitted after an out-of-memory halving
 
     @property
     def units(self) -> list[str]:
@@ -86,7 +87,7 @@ def _warn_upscaled(path: str, size: tuple[int, int], box: tuple[int, int, int, i
     factor = max(b[0] for b in buckets) / max(1, box[2] - box[0])
     if factor > UPSCALE_WARNING:
         log.warning("%s: %dx%d pixels, upscaled %.0fx to %dx%d; its latents hold little detail", path, *size,
-                    factor, *buckets[-1])
+                    factor, *max(buckets))
 
 
 def group_key(record: dict[str, Any]) -> tuple:

@@ -62,8 +62,9 @@ def shard_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError
-        raise CacheMismatchError(f"{path}: not a readable safetensors shard ({str(e).splitlines()[0]}); "
-                                 f"move it out of {path.parent} or delete it (a rerun re-encodes its samples)") from None
+        raise CacheMismatchError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); "
+                                 "is it complete? (a shard of an encode cache: delete it, and running the same encode "
+                                 "again re-encodes its samples)") from None
 
 
 def scan_shards(out: Path) -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:

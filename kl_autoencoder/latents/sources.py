@@ -89,6 +89,7 @@ class TarSource:
     units: list[str]
     names: dict[str, str]
     rule: CaptionRule
+    not_read: list[dict[str, str]] = field(default_factory=list)  # as FolderSource's; tars list nothing up front
 
     def read(self, url: str) -> Iterator[RawSample]:
         """The tar's samples. A damaged tar (truncated, bad header) yields what precedes the damage, drops
@@ -172,7 +173,8 @@ def open_source(data: str | Path | Sequence[str | Path], caption_key: str | None
         if files or tables:
             log_skipped(others, path)  # what is neither an image nor a sidecar, said once (not for a folder of tars)
             rels = {p.relative_to(path).as_posix() for p in files}
-            skipped = [{"path": p.relative_to(path).as_posix(), "reason": f"{p}: {why}"} for p, why in others]
+            skipped = [{"path": rel, "reason": f"{p}: {why}"} for p, why in others
+                       if (rel := p.relative_to(path).as_posix()) not in tables]  # a table's row is read as a unit
             return FolderSource(path, sorted(rels | set(tables)), tables, rule, skipped)
         tars = sorted(str(p) for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES))
         if tars:

@@ -31,7 +31,7 @@ from ..model import downsample_factor, latent_normalization, resolve_dtype
 from ..utils.files import save_json
 from ..utils.locks import output_lock
 from .encoding import Digests, Job, encode_records, group_key, log_split, prepare
-from .format import FORMAT, CacheMismatchError, cache_identity, scan_shards
+from .format import FORMAT, SHARD_RE, CacheMismatchError, cache_identity
 from .ray_engine import RayOptions
 from .shards import Collector, Known, ShardWriter, prepare_out
 from .sources import Source, open_source
@@ -85,10 +85,15 @@ def _encode_batch(job: Job, collector: Collector, records: list[dict[str, Any]])
     def halved(batch: int, half: int) -> None:
         log_split(batch, half)
         collector.counts["oom_halvings"] += 1  # reported in the manifest's counts
+        job.batch_limit = min(job.batch_limit or batch, half)  # later batches start at a size that fits
 
-    moments = encode_records(job.vae, records, job.variants, job.store, job.device, job.encode_kw, on_split=halved)
-    for record, m in zip(records, moments):
-        collector.take(record, m)
+    done = 0
+    while done < len(records):
+        chunk = records[done : done + (job.batch_limit or len(records))]
+        moments = encode_records(job.vae, chunk, job.variants, job.store, job.device, job.encode_kw, on_split=halved)
+        for record, m in zip(chunk, moments):
+            collector.take(record, m)
+        done += len(chunk)
 
 
 def _run_local(job: Job, known: Known, collector: Collector, batch_size: int, num_workers: int) -> None:
@@ -225,7 +230,7 @@ def _merge(vae, out: Path, world: int, identity: dict, variants: Variants, dtype
     no_caption = sum(1 for e in samples if not e.get("caption"))
     samples = [{k: v for k, v in e.items() if k not in ("caption", "metadata")} for e in samples]
     live = {e["shard"] for e in samples}
-    shards = [p for p, _, _ in scan_shards(out)]
+    shards = [p for p in out.glob("shard-r*.safetensors") if SHARD_RE.match(p.name)]  # names only: no header reads
     norm = latent_normalization(vae)  # model/normalization.py: the rule LatentDataset applies
     manifest = {
         "format": FORMAT,
@@ -244,10 +249,10 @@ def _merge(vae, out: Path, world: int, identity: dict, variants: Variants, dtype
         "flip": "both" if variants.flip else "none",
         "buckets": [list(b) for b in variants.transforms[0].buckets],
         "source": source.describe(),
-        "counts": {"inputs": sum(p["inputs"] for p in parts), "samples": len(samples),
+        "counts": {"inputs": sum(p["inputs"] for p in parts) + len(source.not_read), "samples": len(samples),
                    **{k: sum(p.get(k, 0) for p in parts) for k in ("encoded", "unchanged", "recaptioned", "duplicates", "oom_halvings")},
-                   "skipped": sum(len(p["skipped"]) for p in parts) + len(getattr(source, "not_read", [])), "no_caption": no_caption, "world_size": world},
-        "skipped": sorted([*(s for p in parts for s in p["skipped"]), *getattr(source, "not_read", [])],
+                   "skipped": sum(len(p["skipped"]) for p in parts) + len(source.not_read), "no_caption": no_caption, "world_size": world},
+        "skipped": sorted([*(s for p in parts for s in p["skipped"]), *source.not_read],
                           key=lambda s: s["path"]),
         "shards": sorted(live),
         "samples": samples,

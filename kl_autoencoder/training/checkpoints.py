@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -81,6 +82,7 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
             return path, load_checkpoint(path)
         except CheckpointError as e:
             aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
+            with contextlib.suppress(FileNotFoundError):  # every process resumes: another may have moved it first
+                os.replace(path, aside)
             log.warning("%s; renamed to %s, resuming from the previous one", e, aside.name)
     return None
