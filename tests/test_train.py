@@ -244,3 +244,26 @@ def test_bf16_mixed_precision_on_cpu_learns(tmp_path, monkeypatch, request):
     assert {t.dtype for t in weights.values()} == {torch.float32}  # ... while the weights stayed fp32
     assert all(np.isfinite(rec))
     assert np.mean(rec[-8:]) < 0.85 * np.mean(rec[:8]), rec
+
+
+def test_crop_sizes_change_per_micro_batch_alike_in_every_process(tmp_path):
+    """data.crop_sizes (issue 18): one size per micro-batch, the same in both ranks, all sizes used; training runs on it."""
+    from kl_autoencoder.training.data import ImageFolder, StreamSampler, collate
+
+    data = _photo_dir(tmp_path)
+    ds = ImageFolder(data, 32, crop_sizes=(16, 24, 32), seed=3)
+    ranks = [list(zip(range(12 * 2), StreamSampler(len(ds), 2, seed=3, rank=r, world_size=2))) for r in range(2)]
+    sizes = {}
+    for r, keys in enumerate(ranks):
+        for j, (_, key) in enumerate(keys):
+            sample = ds[key]
+            assert sample["pixels"].shape[1:] == (ds.size_of(key[2]),) * 2
+            sizes.setdefault(key[2], set()).add(sample["pixels"].shape[-1])
+    assert all(len(s) == 1 for s in sizes.values()), sizes  # one size per micro-batch, whichever process
+    assert {s.pop() for s in sizes.values()} == {16, 24, 32}
+    assert collate([ds[k] for _, k in ranks[0][:2]])["pixels"].shape[0] == 2  # a micro-batch stacks
+    assert ds[(0, 0)]["pixels"].shape[-1] == 32  # keys without a micro-batch: crop_size
+    cfg = load_config(_config(tmp_path, data={"crop_size": 32, "crop_sizes": [16, 32]}, train={"checkpoint_every": 100},
+                              loss={"disc_start": 1000}))  # PatchGAN needs >= 24 px
+    status = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4)), data, tmp_path / "run")
+    assert status["step"] == 4 and np.isfinite(status["losses"]["loss"])

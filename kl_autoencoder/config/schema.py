@@ -136,7 +136,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    crop_size: int = 256
+    crop_size: int = 256  # training crops (and validation's centre crops)
+    # Issue 18: a crop size per micro-batch drawn from these (keyed by seed and micro-batch), so GroupNorm
+    # sees the image sizes it will be used at (a model trained on 320 px crops only moved the mean colour of
+    # 128 px images by up to 18 levels of 255). None: every crop is crop_size.
+    crop_sizes: tuple[int, ...] | None = None
     random_flip: bool = True
     small_images: str = "upscale"  # "upscale" | "skip": images with a short side under crop_size
     min_size: int = 8  # images with a short side under this are skipped whatever small_images says
@@ -282,8 +286,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             problems.append(f"{key}={value!r}: choose one of {', '.join(allowed)}")
-    if cfg.data.crop_size % 8:
-        problems.append(f"data.crop_size={cfg.data.crop_size} must be a multiple of 8")
+    for size in (cfg.data.crop_size,) + (cfg.data.crop_sizes or ()):
+        if size % 8 or size < 8:
+            problems.append(f"data.crop_size(s)={size} must be a positive multiple of 8")
+    if cfg.data.crop_sizes is not None and not cfg.data.crop_sizes:
+        problems.append("data.crop_sizes=[]: give at least one size, or null for crop_size only")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

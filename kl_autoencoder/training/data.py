@@ -28,6 +28,8 @@ class ImageFolder(Dataset):
     """Images under ``root`` as (3, crop, crop) tensors in [-1, 1].
 
     ``train=True``: random crop + optional horizontal flip; ``train=False``: centre crop.
+    ``crop_sizes``: keys ``(index, epoch, micro)`` get a crop size drawn from these, the same for every
+    sample of micro-batch ``micro`` (in every process), so a batch stacks; other keys use ``crop_size``.
     Unreadable files are skipped (the next file is used instead) and reported in the sample's
     ``failed`` list; images smaller than the crop are upscaled (``small_images="upscale"``, reported
     in ``upscaled``) or skipped (``"skip"``); images under ``min_size`` pixels are always skipped.
@@ -44,6 +46,7 @@ class ImageFolder(Dataset):
         min_size: int = 8,
         resize: int | None = None,
         seed: int = 0,
+        crop_sizes: tuple[int, ...] | None = None,
     ):
         roots = [Path(r) for r in (root if isinstance(root, (list, tuple)) else [root])]
         self.root = roots[0] if len(roots) == 1 else Path(" + ".join(map(str, roots)))
@@ -52,15 +55,20 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(
                 f"{self.root}: no training images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) found, recursively"
             )
-        self.crop_size, self.train, self.random_flip = crop_size, train, random_flip
+        self.crop_size, self.crop_sizes, self.train, self.random_flip = crop_size, crop_sizes, train, random_flip
         self.small_images, self.min_size, self.resize, self.seed = small_images, min_size, resize, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _prepare(self, path: Path, rng: random.Random) -> tuple[torch.Tensor, bool]:
+    def size_of(self, micro: int | None) -> int:
+        """The crop size of micro-batch ``micro`` (pixels, square)."""
+        if micro is None or not self.crop_sizes:
+            return self.crop_size
+        return self.crop_sizes[derive_seed("crop_size", self.seed, micro) % len(self.crop_sizes)]
+
+    def _prepare(self, path: Path, rng: random.Random, c: int) -> tuple[torch.Tensor, bool]:
         img = load_image(path, min_size=self.min_size)
-        c = self.crop_size
         upscaled = False
         if self.resize and min(img.size) != self.resize:
             s = self.resize / min(img.size)
@@ -80,14 +88,15 @@ class ImageFolder(Dataset):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), upscaled  # (3, c, c) in [-1, 1]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any]:
+        index, epoch, micro = (tuple(key) + (None,))[:3] if isinstance(key, tuple) else (key, 0, None)
+        c = self.size_of(micro)
         failed: list[str] = []
         for attempt in range(len(self.files)):
             i = (index + attempt) % len(self.files)
             rng = random.Random(derive_seed("crop", self.seed, epoch, i))  # the same in every process and worker
             try:
-                pixels, upscaled = self._prepare(self.files[i], rng)
+                pixels, upscaled = self._prepare(self.files[i], rng, c)
             except ImageError as e:
                 failed.append(str(e))
                 continue
@@ -110,7 +119,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class StreamSampler(Sampler):
-    """An endless stream of (index, epoch) keys: epoch permutations laid end to end.
+    """An endless stream of (index, epoch, micro-batch) keys: epoch permutations laid end to end.
 
     Micro-batch ``m`` is stream positions [m*G, (m+1)*G) with G = batch_size * world_size; rank r
     takes the r-th slice of ``batch_size``. So two processes with batch b see exactly the images of
@@ -126,11 +135,11 @@ class StreamSampler(Sampler):
             self._perms = {epoch: epoch_permutation(self.n, self.seed, epoch)}
         return self._perms[epoch]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         m = self.start
         g = self.b * self.world
         while True:
             for j in range(self.b):
                 epoch, pos = divmod(m * g + self.rank * self.b + j, self.n)
-                yield self._perm(epoch)[pos], epoch
+                yield self._perm(epoch)[pos], epoch, m
             m += 1

@@ -107,7 +107,7 @@ def _loader(cfg: Config, data: str | Path | list, acc: Accelerator, step: int) -
     """This process's slice of each global batch, from the resumed position, as an endless iterator."""
     t = cfg.train
     dataset = ImageFolder(data, cfg.data.crop_size, random_flip=cfg.data.random_flip, small_images=cfg.data.small_images,
-                          min_size=cfg.data.min_size, resize=cfg.data.resize, seed=t.seed)
+                          min_size=cfg.data.min_size, resize=cfg.data.resize, seed=t.seed, crop_sizes=cfg.data.crop_sizes)
     sampler = StreamSampler(len(dataset), t.batch_size, seed=t.seed, rank=acc.process_index,
                             world_size=acc.num_processes, start_micro=step * t.grad_accum)
     return iter(DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=collate,
@@ -129,7 +129,6 @@ def _generator_pass(cfg: Config, acc: Accelerator, run: RunLog, parts: _Parts, m
     """Forward, loss and backward of every micro-batch; returns (image pairs, loss parts, all finite here)."""
     t = cfg.train
     vae = parts.vae
-    latent_shape = (t.batch_size, vae.config.latent_channels) + (cfg.data.crop_size // downsample_factor(vae),) * 2
     last_layer = vae.decoder.conv_out.weight  # LDM: adaptive GAN weight at the decoder's last layer
     parts.objective.discriminator.requires_grad_(False)  # the generator step must not touch D's .grad
     parts.opt_g.zero_grad(set_to_none=True)
@@ -137,7 +136,8 @@ def _generator_pass(cfg: Config, acc: Accelerator, run: RunLog, parts: _Parts, m
     for micro in range(t.grad_accum):
         batch = next(loader)
         run.note_files(batch)
-        x = batch["pixels"].to(acc.device)  # (b, 3, crop, crop) in [-1, 1]
+        x = batch["pixels"].to(acc.device)  # (b, 3, crop, crop) in [-1, 1]; crop may change per micro-batch
+        latent_shape = (x.shape[0], vae.config.latent_channels) + tuple(s // downsample_factor(vae) for s in x.shape[2:])
         noise = posterior_noise(latent_shape, t.seed, step, acc.process_index, micro, acc.device) if cfg.loss.sample_posterior else None
         sync = acc.no_sync(model) if micro < t.grad_accum - 1 else contextlib.nullcontext()
         with sync:
