@@ -31,7 +31,7 @@ from .evaluation import (
     score_images,
     slerp,
 )
-from .inference import check_latents, decode, encode, encode_moments, reconstruct
+from .inference import check_latents, decode, empty_cache, encode, encode_moments, reconstruct
 from .inference import optimize as optimize_inference
 from .latents import (
     BucketBatchSampler,
@@ -48,7 +48,10 @@ from .utils.images import ImageError, load_image
 from .utils.images import tensor_to_pil as to_pil
 from .utils.images import tensor_to_uint8 as to_uint8
 
+
+
 __all__ = [
+    "empty_cache",
     "evaluate",
     "interpolate",
     "slerp",

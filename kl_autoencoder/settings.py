@@ -4,6 +4,7 @@
 |---|---|---|
 | fast CPU convolutions | ``KL_AUTOENCODER_FASTCONV=0`` | Winograd convs of ``inference/fastconv.py`` (patched modules run eager) |
 | allocator reuse | ``KL_AUTOENCODER_MALLOC=0`` | glibc malloc tuning of ``inference/malloc.py`` during CPU calls |
+| (its cache) | ``KL_AUTOENCODER_MALLOC=call`` | keeping freed memory between calls: returned to the OS after each call |
 
 Read with ``fastconv_enabled()`` / ``malloc_enabled()``; change for the whole process with
 ``set_fastconv(False)``, or for a block of code in this thread with ``with use_fastconv(False): ...``.
@@ -26,7 +27,8 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() not in _OFF
 
 
-_global = {"fastconv": _env_flag(FASTCONV_ENV), "malloc": _env_flag(MALLOC_ENV)}
+_global = {"fastconv": _env_flag(FASTCONV_ENV), "malloc": _env_flag(MALLOC_ENV),
+           "malloc_keep": os.environ.get(MALLOC_ENV, "1").strip().lower() != "call"}
 _local = threading.local()  # per-thread overrides from the context managers
 
 
@@ -80,3 +82,14 @@ def set_malloc(enabled: bool) -> None:
 def use_malloc(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Allocator reuse on/off inside the block, in this thread only."""
     return _override("malloc", enabled)
+
+
+def malloc_keep() -> bool:
+    """Whether memory freed in a CPU inference call stays cached for the next (default; ``KL_AUTOENCODER_MALLOC=call``
+    returns it to the OS after each call)."""
+    return _get("malloc_keep")
+
+
+def set_malloc_keep(keep: bool) -> None:
+    """Keep freed memory between calls (True) or return it after each call (False), for the whole process."""
+    _set("malloc_keep", keep)

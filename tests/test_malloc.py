@@ -114,3 +114,39 @@ def test_reuse_needs_memory_to_spare(monkeypatch):
     assert not memory_plan.reuse_fits(vae, (64, 3, 256, 256), "encode", "whole")
     monkeypatch.setattr(memory_plan, "available_memory", lambda device="cpu": int(need / memory_plan.AUTO_MEMORY_FRACTION))  # fits once, not twice
     assert not memory_plan.reuse_fits(vae, shape, "encode", "whole")
+
+
+KEEP_SCRIPT = SCRIPT.split("r = {")[0] + """
+def first_faults(nbytes):  # the next call's first allocation: mapped already, or faulted in again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = torch.empty(nbytes // 4); a.fill_(1.0); del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+r = {}
+with malloc.reuse_freed_memory():
+    faults(64 * MIB)  # a call's activations
+r["kept"] = malloc.kept()
+r["between_calls"] = first_faults(64 * MIB)
+malloc.release()
+r["kept_after_release"] = malloc.kept()
+with malloc.reuse_freed_memory():
+    faults(64 * MIB)
+malloc.release()
+r["after_release"] = first_faults(64 * MIB)
+print(json.dumps(r))
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("mode", ["keep", "call"])
+def test_freed_memory_stays_between_calls_until_empty_cache(mode):
+    """Issue 20: the next call finds its memory already mapped (default); empty_cache() / MALLOC=call hand it back."""
+    env = {**os.environ, settings.MALLOC_ENV: "1" if mode == "keep" else "call"}
+    out = subprocess.run([sys.executable, "-c", KEEP_SCRIPT], capture_output=True, text=True, check=True, env=env)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if mode == "keep":
+        assert r["kept"] and r["between_calls"] < PAGES_64 // 20
+    else:
+        assert not r["kept"] and r["between_calls"] > PAGES_64 // 2
+    assert not r["kept_after_release"] and r["after_release"] > PAGES_64 // 2
+    assert ka.empty_cache is malloc.release
