@@ -112,6 +112,21 @@ def kept() -> bool:
     return _kept
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 malloc.h struct mallinfo2, all size_t
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                 "uordblks", "fordblks", "keepcost")]
+
+
+def kept_bytes() -> int:
+    """Bytes of freed memory malloc keeps mapped for the next call (``mallinfo2().fordblks``; 0 when nothing is
+    kept). The memory planner counts them as available: the host's free RAM no longer does."""
+    libc = _libc()
+    if libc is None or not _kept or not hasattr(libc, "mallinfo2"):
+        return 0
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
 def release() -> None:
     """Return the memory kept between calls to the OS and restore glibc's trim threshold (no-op while a
     call is running, or when nothing is kept). Public as ``kl_autoencoder.empty_cache()``."""

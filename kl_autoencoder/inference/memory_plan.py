@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..model import downsample_factor
+from . import malloc
 
 # `auto` tiles when an untiled pass would need more than this share of the device's free memory. On a CPU
 # the rest of the machine shares RAM; a GPU's free memory is the process's own to use, less the caching
@@ -32,7 +33,8 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     """Bytes free for new allocations on ``device``: on a GPU ``torch.cuda.mem_get_info`` plus what torch's
     caching allocator holds but does not use (mem_get_info counts it as taken: without it the second large
     call would plan from a budget the first one's freed blocks still fill; the model's own weights are
-    resident and not counted), else the host's available RAM (psutil if installed, else sysconf)."""
+    resident and not counted), else the host's available RAM (psutil if installed, else sysconf) plus the
+    freed memory malloc.py keeps for this process's next call (mapped, so not in the host's count)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -40,9 +42,10 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        host = int(psutil.virtual_memory().available)
     except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host + malloc.kept_bytes()
 
 
 def memory_budget(vae: nn.Module) -> int:
