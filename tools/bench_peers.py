@@ -204,20 +204,31 @@ def bench_size(size: int, names: list[str], repeats: int, threads: int) -> dict:
 
     def call(name: str, op: str):
         p0, c0 = busy_seconds(), own_cpu_seconds()
-        procs[name][0].send(op)
-        wall, cpu, out = procs[name][0].recv()
+        try:
+            procs[name][0].send(op)
+            wall, cpu, out = procs[name][0].recv()
+        except (BrokenPipeError, EOFError, ConnectionResetError):  # the contender died: the kernel's OOM killer, say
+            code = procs[name][1].exitcode
+            print(f"  {name}: died (exit code {code}{', killed: out of memory?' if code == -9 else ''}); "
+                  "left out from here on", flush=True)
+            live.remove(name)
+            return None
         others = busy_seconds() - p0 - cpu - (own_cpu_seconds() - c0)
         return wall, cpu, max(others, 0.0), out
 
     res: dict = {}
     for op in ("enc", "dec"):  # warm-up: compilation, weight packing, oneDNN primitive creation
-        for name in live:
-            wall = call(name, op)[0]
-            print(f"  {size}px {name} {op} warm-up: {wall:.2f} s", flush=True)
+        for name in list(live):
+            got = call(name, op)
+            if got:
+                print(f"  {size}px {name} {op} warm-up: {got[0]:.2f} s", flush=True)
     for r in range(repeats):
         for op in ("enc", "dec"):
-            for name in live:
-                wall, cpu, others, out = call(name, op)
+            for name in list(live):
+                got = call(name, op)
+                if got is None:
+                    continue
+                wall, cpu, others, out = got
                 res.setdefault((name, op), []).append((wall, cpu, others, out))
                 print(f"  {size}px repeat {r + 1}/{repeats} {name} {op}: {wall:.2f} s wall, {cpu:.2f} s CPU, "
                       f"others {others:.2f} CPU s", flush=True)
