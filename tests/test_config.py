@@ -54,3 +54,12 @@ def test_config_roundtrips_through_yaml(tmp_path):
 def test_unknown_preset_names_the_presets():
     with pytest.raises(FileNotFoundError, match="tiny-kl-f8"):
         load_config("no-such-preset")
+
+
+def test_crop_sizes_checked():
+    cfg = config_from_dict({"data": {"crop_sizes": [128, 256]}})
+    assert cfg.data.crop_sizes == (128, 256)
+    with pytest.raises(ConfigError, match="data.crop_size\\(s\\)=100 must be a positive multiple of 8"):
+        config_from_dict({"data": {"crop_sizes": [128, 100]}})
+    with pytest.raises(ConfigError, match="data.crop_sizes=\\[\\]"):
+        config_from_dict({"data": {"crop_sizes": []}})
