@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# Turn the training runs of tools/train_shipped_model.sh into weights/kl-f8c4-bsds-cpu:
-# fp16 diffusers export of the last phase, scaling factor measured with `stats` on BSDS500 val, Kodak
-# figures from `eval`, and the model card. Every figure in the card comes from these commands.
+# Turn the last training phase of tools/train_shipped_model.sh into weights/kl-f8c4-bsds-urban-cpu:
+# fp16 diffusers export, scaling factor measured with `stats` on BSDS500 val, Kodak and BSDS500-val figures from
+# `eval`, the demo's per-photo figures, the colour check (plain diffusers), and the model card. Every figure in
+# the card comes from these commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BSDS=${BSDS:-../shared/data/bsds500}
 KODAK=${KODAK:-../shared/data/kodak}
-RUN_DIR=${RUN_DIR:-runs/kl-f8c4-cpu}  # phase 1; phases 2 and 3 are $RUN_DIR-phase2 and $RUN_DIR-phase3
-OUT=${OUT:-weights/kl-f8c4-bsds-cpu}
+P4_DIR=${P4_DIR:-runs/ab-g8}
+P5_DIR=${P5_DIR:-runs/p5-urban-ddp}
+P6_DIR=${P6_DIR:-runs/p6-jitter}
+P7_DIR=${P7_DIR:-runs/p7-cosine}
+P8_DIR=${P8_DIR:-runs/p8-sizes}
+LAST=${LAST:-$P8_DIR}
+OUT=${OUT:-weights/kl-f8c4-bsds-urban-cpu}
 KL=${KL:-.venv/bin/kl-autoencoder}
 PY=${PY:-.venv/bin/python}
-LAST="$RUN_DIR-phase3"
 "$KL" export "$LAST/export" "$OUT" --dtype fp16
 # SD-style layout (no shift): diffusers SD/DiT pipelines divide by scaling_factor and ignore a shift
 "$KL" stats "$OUT" "$BSDS/val" --resolution 256 --no-shift --write | tee "$LAST/stats.txt"
 "$KL" eval "$OUT" "$KODAK" --output "$OUT/eval-kodak" | tee "$LAST/eval-kodak.txt"
-"$PY" tools/write_model_card.py --runs "$RUN_DIR" "$RUN_DIR-phase2" "$LAST" --model "$OUT"
+# BSDS500 val (never trained on): full images centre-cropped to a multiple of 8, as the Kodak report
+"$KL" eval "$OUT" "$BSDS/val" --output "$LAST/eval-bsds-val" --no-compression | tee "$LAST/eval-bsds-val.txt"
+mkdir -p "$OUT/eval-bsds-val"
+cp "$LAST/eval-bsds-val/metrics.json" "$LAST/eval-bsds-val/metrics.md" "$OUT/eval-bsds-val/"
+"$KL" demo --model "$OUT" --out "$LAST/demo" | tee "$LAST/demo.txt"
+mkdir -p "$OUT/eval-demo"
+cp "$LAST/demo/demo.json" "$LAST/demo/demo_reconstructions.png" "$OUT/eval-demo/"
+"$PY" tools/colour_check.py "$OUT" --kodak "$KODAK" --json "$OUT/eval-colour.json" | tee "$LAST/colour.txt"
+"$PY" tools/write_model_card.py --runs "$P4_DIR" "$P5_DIR" "$P6_DIR" "$P7_DIR" "$P8_DIR" --model "$OUT"
