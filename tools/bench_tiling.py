@@ -7,7 +7,7 @@ any cell running past --timeout is killed and reported.
 
     python tools/bench_tiling.py memory --sizes 512 1024          # tiny-kl-f8, encode + decode
     python tools/bench_tiling.py accuracy                         # 1024x1024 / 1000x744 errors
-    python tools/bench_tiling.py accuracy --model weights/kl-f8c4-bsds-cpu   # the same, trained weights
+    python tools/bench_tiling.py accuracy --model weights/kl-f8c4-bsds-urban-cpu   # the same, trained weights
     python tools/bench_tiling.py sd --size 2048                   # one SD-preset tiled decode, timed
 
 The allocator reuse of kl_autoencoder/inference/malloc.py is off here (KL_AUTOENCODER_MALLOC=0 unless set): it
@@ -176,7 +176,7 @@ def main() -> None:
     p.set_defaults(func=memory)
     p = sub.add_parser("accuracy", help="tiled vs untiled max abs error, ours and diffusers")
     p.add_argument("--preset", default="tiny-kl-f8")
-    p.add_argument("--model", default=None, help="a diffusers folder (e.g. weights/kl-f8c4-bsds-cpu) instead of the perturbed preset")
+    p.add_argument("--model", default=None, help="a diffusers folder (e.g. weights/kl-f8c4-bsds-urban-cpu) instead of the perturbed preset")
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
                    default=[(1024, 1024, 1), (1000, 744, 1), (512, 384, 2)], help="HxWxB, e.g. 1000x744x1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "kl-f8c4-bsds-cpu"
+DEFAULT_MODEL_NAME = "kl-f8c4-bsds-urban-cpu"
 # A source checkout (or `pip install -e .`) has the top-level weights/. A wheel carries no weights
 # (pyproject.toml packages none): there MODEL must be given explicitly.
 _WEIGHTS = Path(__file__).resolve().parent.parent.parent / "weights"
