@@ -48,8 +48,6 @@ from .utils.images import ImageError, load_image
 from .utils.images import tensor_to_pil as to_pil
 from .utils.images import tensor_to_uint8 as to_uint8
 
-
-
 __all__ = [
     "empty_cache",
     "evaluate",

@@ -11,5 +11,4 @@ from .codec import (
 from .fastconv import optimize
 from .malloc import release as empty_cache  # CPU memory kept between calls, back to the OS
 
-
 __all__ = ["TILING_MODES", "check_latents", "decode", "empty_cache", "encode", "encode_moments", "optimize", "reconstruct"]
