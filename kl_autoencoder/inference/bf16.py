@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .cbuild import PRELUDE, build, cpu_flags
+from .packed_cache import PackedCache
 
 CL = torch.channels_last
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -79,7 +80,7 @@ def _packed(conv: nn.Conv2d, kind: str, make, x: torch.Tensor) -> tuple[torch.Te
     in the key, so a replaced or modified weight is repacked); not a buffer, the state dict is unchanged."""
     w = conv.weight
     key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(x.shape[1:]))
-    cache = conv.__dict__.setdefault("_bf16_cache", _Cache())
+    cache = conv.__dict__.setdefault("_bf16_cache", PackedCache())
     entry = cache.get(kind)
     if entry is None or entry[0] != key:
         weight, bias, padding = make()
@@ -88,16 +89,6 @@ def _packed(conv: nn.Conv2d, kind: str, make, x: torch.Tensor) -> tuple[torch.Te
         )
         entry = cache[kind] = (key, packed, bias)
     return entry[1], entry[2]  # this call's entry, whatever another thread stored meanwhile
-
-
-class _Cache(dict):
-    """oneDNN-packed weights cannot be copied or pickled: copies start empty and repack on first use."""
-
-    def __deepcopy__(self, memo) -> "_Cache":
-        return _Cache()
-
-    def __reduce__(self):
-        return (_Cache, ())
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .cbuild import PRELUDE, build
+from .packed_cache import PackedCache
 
 TILE = 6  # output tile m of F(m x m, 3 x 3); 4 is also compiled (more accurate, 4x instead of 5.06x fewer multiplies)
 CHANNEL_BLOCK = 16  # channels per vector (one AVX-512 register); C_in and C_out must be divisible by it
@@ -247,16 +248,6 @@ def winograd_library() -> ctypes.CDLL | None:
     return build("winograd", _c_source(), {f"wino{m}_conv": sig for m in (4, 6)})
 
 
-class _Cache(dict):
-    """Per-module transformed weights; copies and pickles as empty (rebuilt on next use)."""
-
-    def __deepcopy__(self, memo) -> "_Cache":
-        return _Cache()
-
-    def __reduce__(self):
-        return (_Cache, ())
-
-
 def packed_weights(conv: nn.Conv2d, m: int) -> torch.Tensor:
     """``G g G^T`` as (t*t, C_out/64 blocks of (C_in, 64)), the layout the micro-kernel streams.
 
@@ -275,7 +266,7 @@ def packed_weights(conv: nn.Conv2d, m: int) -> torch.Tensor:
     u = u.permute(2, 3, 1, 0).reshape((m + 2) ** 2, ci, co)  # (t*t, C_in, C_out)
     blocks = [u[:, :, n0 : n0 + 64].reshape((m + 2) ** 2, -1) for n0 in range(0, co, 64)]  # each (t*t, C_in * w)
     u = torch.cat(blocks, 1).contiguous()  # (t*t, C_out * C_in)
-    conv.__dict__["_fastconv_cache"] = _Cache(key=key, u=u)
+    conv.__dict__["_fastconv_cache"] = PackedCache(key=key, u=u)
     return u
 
 
