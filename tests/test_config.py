@@ -56,6 +56,12 @@ def test_unknown_preset_names_the_presets():
         load_config("no-such-preset")
 
 
+def test_colour_weight_checked():
+    assert config_from_dict({"loss": {"colour_weight": 25}}).loss.colour_weight == 25
+    with pytest.raises(ConfigError, match="loss.colour_weight=-1"):
+        config_from_dict({"loss": {"colour_weight": -1}})
+
+
 def test_crop_sizes_checked():
     cfg = config_from_dict({"data": {"crop_sizes": [128, 256]}})
     assert cfg.data.crop_sizes == (128, 256)

@@ -81,6 +81,28 @@ def test_discriminator_step_leaves_autoencoder_grads_untouched():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.discriminator.parameters())
 
 
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+def test_colour_weight_adds_the_mean_colour_error_again(kind):
+    """loss.colour_weight w: a per-channel colour cast c costs (1 + w) * H * W * sum_c c^2 (L2; L1: |c| and
+    its per-pixel L1), a zero-mean change costs what it did without the term; by hand, not by our helper."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 16, 24, generator=g) * 2 - 1
+    cast = torch.tensor([[0.03, -0.02, 0.01], [-0.05, 0.0, 0.04]]).view(2, 3, 1, 1)  # (B, 3, 1, 1)
+    mean, logvar = torch.zeros(2, 4, 2, 3), torch.zeros(2, 4, 2, 3)
+
+    def nll(xrec, w):
+        obj = AutoencoderObjective(LossConfig(reconstruction=kind, perceptual="none", colour_weight=w))
+        return obj.generator_loss(x, xrec, mean, logvar, step=0, last_layer=None).nll
+
+    hw = 16 * 24
+    per_image = cast.pow(2).sum((1, 2, 3)) if kind == "l2" else cast.abs().sum((1, 2, 3))  # (B,)
+    torch.testing.assert_close(nll(x + cast, 3.0), (1 + 3.0) * hw * per_image.mean())
+    noise = torch.randn(x.shape, generator=g) * 0.1
+    noise = noise - noise.mean(dim=(2, 3), keepdim=True)  # every channel's mean unchanged
+    torch.testing.assert_close(nll(x + noise, 3.0), nll(x + noise, 0.0))
+    assert float(nll(x + noise + cast, 3.0)) > float(nll(x + noise + cast, 0.0))
+
+
 def test_gan_losses_by_hand():
     r, f = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5)
     torch.testing.assert_close(hinge_d_loss(r, f), 0.5 * (torch.clamp(1 - r, min=0).mean() + torch.clamp(1 + f, min=0).mean()))

@@ -163,11 +163,12 @@ def _odd_files(d: Path) -> None:
 def test_bad_files_are_skipped_named_and_counted(tmp_path):
     data = tmp_path / "odd"
     _odd_files(data)
-    config = _config(tmp_path, train={"checkpoint_every": 100, "batch_size": 7})
+    config = _config(tmp_path, train={"checkpoint_every": 100, "batch_size": 7}, data={"crop_sizes": [24]})
     r = subprocess.run(_cmd(config, data, tmp_path / "run", "--max-steps", "3"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("truncated.jpg", "readme.jpg", "tiny20.png"):
         assert name in r.stderr
+    assert "tiny20.png: smaller than the 24px crop" in r.stderr  # the batch's crop size, not data.crop_size
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["skipped_files"] == 2
     assert set(Path(p).name for p in status["skipped_file_reasons"]) == {"truncated.jpg", "readme.jpg"}

@@ -89,6 +89,7 @@ class LossConfig:
     reconstruction: str = "l1"  # "l1" | "l2"
     perceptual: str = "lpips-vgg"  # "lpips-vgg" | "lpips-alex" | "none"
     perceptual_weight: float = 1.0
+    colour_weight: float = 0.0  # extra weight on each image's per-channel mean error (issue 18); 0: LDM's loss
     lpips_weights: str | None = None  # path to vgg16-397923af.pth; default $TORCH_HOME/hub/checkpoints
     kl_weight: float = 1e-6
     kl_warmup_steps: int = 0  # linear warm-up of the KL weight from 0
@@ -286,6 +287,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             problems.append(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    if lo.colour_weight < 0:
+        problems.append(f"loss.colour_weight={lo.colour_weight}: must be >= 0 (0 turns the mean-colour term off)")
     for size in (cfg.data.crop_size,) + (cfg.data.crop_sizes or ()):
         if size % 8 or size < 8:
             problems.append(f"data.crop_size(s)={size} must be a positive multiple of 8")

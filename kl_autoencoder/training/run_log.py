@@ -91,7 +91,8 @@ class RunLog:
             if path not in self.upscaled:
                 self.upscaled.add(path)
                 if self.is_main:
-                    log.warning("upscaled %s: smaller than the %dpx crop (data.small_images=upscale)", path, self.cfg.data.crop_size)
+                    # the batch's own crop: with data.crop_sizes it changes per micro-batch
+                    log.warning("upscaled %s: smaller than the %dpx crop (data.small_images=upscale)", path, batch["pixels"].shape[-1])
 
     # ---- progress
     def open_progress(self, step: int, total: int) -> None:
@@ -164,7 +165,7 @@ class RunLog:
                 f"Steps: {self._step}; images seen: {self.images_seen}; wall time this session: {wall_s / 60:.1f} min; "
                 f"batch {t.batch_size} x accumulation {t.grad_accum}; crops {self.cfg.data.crop_size}px; "
                 f"loss: {lo.reconstruction} + {lo.perceptual} (weight {lo.perceptual_weight}) "
-                f"+ KL {lo.kl_weight:g}; GAN from step {lo.disc_start}; EMA {t.ema_decay}. "
+                f"{f' + mean colour x{lo.colour_weight:g}' if lo.colour_weight else ''} + KL {lo.kl_weight:g}; GAN from step {lo.disc_start}; EMA {t.ema_decay}. "
                 f"Last losses: {self.last}. Validation: {self.val or 'none'}.")
 
     def close(self) -> None:
