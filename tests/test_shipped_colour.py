@@ -6,11 +6,12 @@ returned flat colours at 5-9 dB. Issue 18 asks: every demo photo above its bicub
 channel's mean within 2 levels of the original's on every demo photo and every Kodak image (when
 ../shared/data/kodak exists), and on average over 128 px crops.
 
-The shipped kl-f8c4-bsds-urban-cpu meets the first, not yet the 2 levels (its card: demo photos 3.53, Kodak
-3.12, 128 px crops on average 2.55 (the demo photos' alone 3.31); flat saturated colours still far off). So each colour check runs twice:
-against what the shipped weights reach (a regression guard a little above the card's figures: the earlier
-default fails every one of them) and against the issue's 2 levels as a strict xfail, which turns into a
-failure the day a model meets it, so that the guard is tightened then.
+The shipped kl-f8c4-bsds-urban-cpu (its card: demo photos 1.66, Kodak 2.01, demo photos at 128 px on average
+0.77) meets the demo and 128 px targets, which are checked at the issue's 2 levels. On Kodak one image of 24
+(kodim05, red) is 0.01 level over: that check runs twice, against what the weights reach (a regression guard a
+little above the card's figure: the earlier defaults fail it) and against the 2 levels as a strict xfail, which
+turns into a failure the day a model meets it, so that the guard is tightened then. Flat saturated red, green
+and blue still come back tinted (strict xfails as well).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ MODEL_NAME = "kl-f8c4-bsds-urban-cpu"
 MODEL = Path(__file__).resolve().parents[1] / "weights" / MODEL_NAME
 KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"
 MAX_MEAN_ERROR = 2.0  # levels of 255, per channel: issue 18's target
-# What the shipped weights reach (card, eval-colour.json) plus a margin for fp32-vs-fp16 and platform rounding
-# (measured: demo photos 3.53, Kodak 3.12, demo photos at 128 px on average 3.31, Kodak centre crops on average < 3)
-GUARD = {"demo": 4.0, "kodak": 3.5, "demo_crops": 4.0, "kodak_crops": 3.0}
+# Kodak: what the shipped weights reach (card, eval-colour.json: 2.01 on kodim05; its centre crops on average 0.9)
+# plus a margin for platform rounding
+KODAK_GUARD = 2.5
 NOT_YET = pytest.mark.xfail(strict=True, reason="issue 18: the 2-level colour target is not met yet (see the model card)")
 
 
@@ -96,31 +97,29 @@ def test_demo_photos_beat_bicubic_f8(demo_rows):
         assert ours > bicubic, demo_rows
 
 
-@pytest.mark.parametrize("limit", [GUARD["demo"], pytest.param(MAX_MEAN_ERROR, marks=NOT_YET)])
-def test_demo_photos_keep_their_mean_colour(demo_rows, limit):
-    assert max(abs(e) for *_, err in demo_rows for e in err) <= limit, demo_rows
+def test_demo_photos_keep_their_mean_colour(demo_rows):
+    assert max(abs(e) for *_, err in demo_rows for e in err) <= MAX_MEAN_ERROR, demo_rows
 
 
-@pytest.mark.parametrize("limit", [GUARD["demo_crops"], pytest.param(MAX_MEAN_ERROR, marks=NOT_YET)])
-def test_128px_crops_keep_colour_on_average(vae, limit):
+def test_128px_crops_keep_colour_on_average(vae):
     """The demo photos at 128 px (where the old model lost up to 19.7 levels of red)."""
     errs = []
     for p in sample_paths():
         a = np.asarray(_square(Image.open(p).convert("RGB"), 128))
         errs.append(_mean_error(a, _reconstruct(vae, a)))
     errs = np.array(errs)  # (4, 3)
-    assert np.abs(errs.mean(0)).max() <= limit, errs.round(2).tolist()
+    assert np.abs(errs.mean(0)).max() <= MAX_MEAN_ERROR, errs.round(2).tolist()
 
 
-_SATURATED = pytest.mark.xfail(strict=True, reason="issue 18: saturated flat colours come back tinted (card: 11-17 dB)")
+_SATURATED = pytest.mark.xfail(strict=True, reason="issue 18: saturated flat colours come back tinted (card: 12-24 dB)")
 
 
 @pytest.mark.parametrize("rgb", [pytest.param((255, 0, 0), marks=_SATURATED), pytest.param((0, 255, 0), marks=_SATURATED),
-                                 pytest.param((0, 0, 255), marks=_SATURATED), pytest.param((224, 172, 140), marks=_SATURATED),
+                                 pytest.param((0, 0, 255), marks=_SATURATED), (224, 172, 140),
                                  (128, 128, 128), (110, 160, 220)])
 def test_flat_colour_comes_back(vae, rgb):
     """A solid-colour image came back at 5-9 dB from the old model (every colour pulled towards grey); the
-    shipped one keeps grey and sky blue, not yet saturated colours (nor skin at 64 px)."""
+    shipped one keeps grey, sky blue and skin, not yet saturated red, green and blue."""
     a = np.asarray(Image.new("RGB", (64, 64), rgb))
     rec = _reconstruct(vae, a)
     assert np.abs(_mean_error(a, rec)).max() <= 8.0, (rgb, _mean_error(a, rec).round(2).tolist())
@@ -129,7 +128,7 @@ def test_flat_colour_comes_back(vae, rgb):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not KODAK.is_dir(), reason="../shared/data/kodak is not here (a user's clone has no ../shared)")
-@pytest.mark.parametrize("limits", [(GUARD["kodak"], GUARD["kodak_crops"]), pytest.param((MAX_MEAN_ERROR,) * 2, marks=NOT_YET)])
+@pytest.mark.parametrize("limits", [(KODAK_GUARD, MAX_MEAN_ERROR), pytest.param((MAX_MEAN_ERROR,) * 2, marks=NOT_YET)])
 def test_kodak_no_colour_cast_on_any_image(vae, limits):
     """Full Kodak images (centre-cropped to a multiple of 8) and their centre 128 px crops."""
     full, crops = [], []

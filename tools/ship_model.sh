@@ -2,7 +2,7 @@
 # Turn the last training phase of tools/train_shipped_model.sh into weights/kl-f8c4-bsds-urban-cpu:
 # fp16 diffusers export, scaling factor measured with `stats` on BSDS500 val, Kodak and BSDS500-val figures from
 # `eval`, the demo's per-photo figures, the colour check (plain diffusers), and the model card. Every figure in
-# the card comes from these commands.
+# the card comes from these commands. Re-runnable: every output is this script's own, so each is replaced (--force).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BSDS=${BSDS:-../shared/data/bsds500}
@@ -16,12 +16,12 @@ LAST=${LAST:-$P8_DIR}
 OUT=${OUT:-weights/kl-f8c4-bsds-urban-cpu}
 KL=${KL:-.venv/bin/kl-autoencoder}
 PY=${PY:-.venv/bin/python}
-"$KL" export "$LAST/export" "$OUT" --dtype fp16
+"$KL" export "$LAST/export" "$OUT" --dtype fp16 --force
 # SD-style layout (no shift): diffusers SD/DiT pipelines divide by scaling_factor and ignore a shift
 "$KL" stats "$OUT" "$BSDS/val" --resolution 256 --no-shift --write | tee "$LAST/stats.txt"
-"$KL" eval "$OUT" "$KODAK" --output "$OUT/eval-kodak" | tee "$LAST/eval-kodak.txt"
+"$KL" eval "$OUT" "$KODAK" --output "$OUT/eval-kodak" --force | tee "$LAST/eval-kodak.txt"
 # BSDS500 val (never trained on): full images centre-cropped to a multiple of 8, as the Kodak report
-"$KL" eval "$OUT" "$BSDS/val" --output "$LAST/eval-bsds-val" --no-compression | tee "$LAST/eval-bsds-val.txt"
+"$KL" eval "$OUT" "$BSDS/val" --output "$LAST/eval-bsds-val" --no-compression --force | tee "$LAST/eval-bsds-val.txt"
 mkdir -p "$OUT/eval-bsds-val"
 cp "$LAST/eval-bsds-val/metrics.json" "$LAST/eval-bsds-val/metrics.md" "$OUT/eval-bsds-val/"
 "$KL" demo --model "$OUT" --out "$LAST/demo" | tee "$LAST/demo.txt"

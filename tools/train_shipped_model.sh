@@ -22,7 +22,7 @@
 # Phase 7: the same data, lr 3e-4 with a cosine decay to 0, 300 steps.
 # Phase 8: the same data, a crop size per micro-batch among 128/192/256/320 px (data.crop_sizes: trained on 320 px
 #   crops only, the model moved the mean colour of 128 px images by up to 18 levels), two processes of batch 2,
-#   lr 2e-4 cosine over 3000 steps, cut at 88 minutes.
+#   lr 2e-4 cosine over 3000 steps, at most 88 minutes per invocation (it took three, 2.7 h in all).
 #   RUN_DIR (default runs/kl-f8c4-cpu)   MINUTES*: wall-clock budget of each phase per invocation
 set -euo pipefail
 cd "$(dirname "$0")/.."

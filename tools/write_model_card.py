@@ -56,7 +56,8 @@ def main() -> None:
 
     optim = "; ".join(
         f"phase {i}: Adam {pc['train']['lr']:g} {pc['train']['lr_schedule']}"
-        f"{' to 0' if pc['train']['lr_schedule'] == 'cosine' else ''}, {pc['loss']['reconstruction'].upper()}, "
+        f"{' to 0' if pc['train']['lr_schedule'] == 'cosine' else ''}, {pc['loss']['reconstruction'].upper()}"
+        f"{_colour(pc['loss'])}, "
         f"batch {pc['train']['batch_size'] * world(ps, pc)} of {_crops(pc['data'])} crops, {ps['step']:,} steps / "
         f"{ps['images_seen']:,} images, {ps.get('wall_time_s', 0) / 3600:.2f} h"
         for i, (ps, pc) in enumerate(phases, 4)
@@ -68,6 +69,10 @@ def main() -> None:
         f"| {r['image']} | {r['psnr']:.2f} | {r['psnr_bicubic_f8']:.2f} | {_row(colour['demo-256'], r['image'])} |"
         for r in demo["images"])
     cs = {k: colour[k]["summary"] for k in colour}
+    last = 3 + len(phases)
+    colour_phases = [str(i) for i, (_, pc) in enumerate(phases, 4) if pc["loss"].get("colour_weight")]
+    colour_loss = (f" + each image's per-channel mean error weighed again (`loss.colour_weight`, phase{'s' if len(colour_phases) > 1 else ''} "
+                   f"{', '.join(colour_phases)})" if colour_phases else "")
     flat = ", ".join(f"{r['image'].replace('@', ' ')} px {r['psnr']:.1f}" for r in colour["flat"]["rows"])
     notes = Path(a.notes).read_text() if Path(a.notes).is_file() else ""
     text = f"""# kl-f8c4-bsds-urban-cpu
@@ -75,7 +80,7 @@ def main() -> None:
 The default model of kl-autoencoder: a small Stable-Diffusion-layout KL autoencoder (diffusers
 `AutoencoderKL`, f8c4: 4 latent channels at 1/8 of the image size) trained on a 2-core CPU.
 **Good for** seeing the whole latent pipeline (encode, store, decode, diffusers pipelines, anomaly scores) work offline
-on a laptop, with photos reconstructed above bicubic-by-8 and their mean colours within a few levels; **not good for**
+on a laptop, with photos reconstructed above bicubic-by-8 and their mean colours within about 2 levels of 255; **not good for**
 real latent-diffusion training, fine texture (Kodak PSNR below bicubic-by-4) or large flat saturated colours (a solid
 red or green comes back tinted): train your own with `kl-autoencoder train` or use SD's VAE for that. {verdict}
 
@@ -88,12 +93,12 @@ red or green comes back tinted): train your own with `kl-autoencoder train` or u
 | scaling_factor | {c['scaling_factor']:.5f} (1/std of posterior samples on BSDS500 val at 256px, `kl-autoencoder stats`) |
 | shift_factor | {c.get('shift_factor')} |
 | training data | BSDS500 train + test (400 photos, 481x321) and, from phase 5, Urban100 (100 city photos, about 1024x768); from phase 6, colour-jittered copies of the BSDS500 training photos and 24 flat colours (`tools/make_colour_jitter.py`); validation: BSDS500 val. BSDS500 and Urban100 are offered for research and education: these weights inherit that. Never trained on Kodak or BSDS500 val. |
-| loss | L1 then L2 (phases 2-8), + KL (weight {lo['kl_weight']:g}, LDM's sum-over-pixels form) with posterior sampling; no LPIPS (the VGG16 ImageNet weights it needs cannot be obtained offline here); no GAN (it trades PSNR for texture) |
+| loss | L1 then L2 (phases 2-{last}){colour_loss}, + KL (weight {lo['kl_weight']:g}, LDM's sum-over-pixels form) with posterior sampling; no LPIPS (the VGG16 ImageNet weights it needs cannot be obtained offline here); no GAN (it trades PSNR for texture) |
 | optimisation | phases 1-3 (the earlier default): {EARLIER['optim']}; {optim}; betas {cfg['train']['betas']}; random crops at native resolution with flips; EMA {cfg['train']['ema_decay']} (exported) |
 | steps / images seen | {steps:,} steps / {images:,} images in all |
-| wall time | {EARLIER['hours'] + hours_new:.2f} h on 2 shared CPU cores, niced ({EARLIER['hours']:.2f} h for phases 1-3, {hours_new:.2f} h for phases 4-8; `tools/train_shipped_model.sh`) |
+| wall time | {EARLIER['hours'] + hours_new:.2f} h on 2 shared CPU cores, niced ({EARLIER['hours']:.2f} h for phases 1-3, {hours_new:.2f} h for phases 4-{last}; `tools/train_shipped_model.sh`) |
 | last training loss | {lo['reconstruction'].upper()} {status['losses'].get('rec', float('nan')):.4f} per pixel (images in [-1, 1], one batch), KL {status['losses'].get('kl', float('nan')):.0f} per image |
-| validation during training (BSDS500 val, {d['val_images']} centre crops of {d['crop_size']}px) | PSNR {status['validation'].get('psnr', float('nan')):.2f} dB at step {status['validation'].get('step')} of phase {3 + len(phases)} |
+| validation during training (BSDS500 val, {d['val_images']} centre crops of {d['crop_size']}px) | PSNR {status['validation'].get('psnr', float('nan')):.2f} dB at step {status['validation'].get('step')} of phase {last} |
 
 ## Kodak (24 images, full size, `kl-autoencoder eval`)
 
@@ -157,6 +162,11 @@ images = vae.decode(latents / vae.config.scaling_factor).sample
 def _crops(data: dict) -> str:
     sizes = data.get("crop_sizes")
     return "/".join(map(str, sizes)) + "px (one size per batch)" if sizes else f"{data['crop_size']}px"
+
+
+def _colour(loss: dict) -> str:
+    w = loss.get("colour_weight") or 0
+    return f" + mean colour x{w:g}" if w else ""
 
 
 def _row(block: dict, name: str) -> str:
