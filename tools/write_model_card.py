@@ -70,9 +70,6 @@ def main() -> None:
         for r in demo["images"])
     cs = {k: colour[k]["summary"] for k in colour}
     last = 3 + len(phases)
-    colour_phases = [str(i) for i, (_, pc) in enumerate(phases, 4) if pc["loss"].get("colour_weight")]
-    colour_loss = (f" + each image's per-channel mean error weighed again (`loss.colour_weight`, phase{'s' if len(colour_phases) > 1 else ''} "
-                   f"{', '.join(colour_phases)})" if colour_phases else "")
     flat = ", ".join(f"{r['image'].replace('@', ' ')} px {r['psnr']:.1f}" for r in colour["flat"]["rows"])
     notes = Path(a.notes).read_text() if Path(a.notes).is_file() else ""
     text = f"""# kl-f8c4-bsds-urban-cpu
@@ -93,7 +90,7 @@ red or green comes back tinted): train your own with `kl-autoencoder train` or u
 | scaling_factor | {c['scaling_factor']:.5f} (1/std of posterior samples on BSDS500 val at 256px, `kl-autoencoder stats`) |
 | shift_factor | {c.get('shift_factor')} |
 | training data | BSDS500 train + test (400 photos, 481x321) and, from phase 5, Urban100 (100 city photos, about 1024x768); from phase 6, colour-jittered copies of the BSDS500 training photos and 24 flat colours (`tools/make_colour_jitter.py`); validation: BSDS500 val. BSDS500 and Urban100 are offered for research and education: these weights inherit that. Never trained on Kodak or BSDS500 val. |
-| loss | L1 then L2 (phases 2-{last}){colour_loss}, + KL (weight {lo['kl_weight']:g}, LDM's sum-over-pixels form) with posterior sampling; no LPIPS (the VGG16 ImageNet weights it needs cannot be obtained offline here); no GAN (it trades PSNR for texture) |
+| loss | L1 then L2 (phases 2-{last}), + KL (weight {lo['kl_weight']:g}, LDM's sum-over-pixels form) with posterior sampling; no LPIPS (the VGG16 ImageNet weights it needs cannot be obtained offline here); no GAN (it trades PSNR for texture) |
 | optimisation | phases 1-3 (the earlier default): {EARLIER['optim']}; {optim}; betas {cfg['train']['betas']}; random crops at native resolution with flips; EMA {cfg['train']['ema_decay']} (exported) |
 | steps / images seen | {steps:,} steps / {images:,} images in all |
 | wall time | {EARLIER['hours'] + hours_new:.2f} h on 2 shared CPU cores, niced ({EARLIER['hours']:.2f} h for phases 1-3, {hours_new:.2f} h for phases 4-{last}; `tools/train_shipped_model.sh`) |
