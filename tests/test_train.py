@@ -211,6 +211,35 @@ def test_dry_run_and_changed_config_refused(tmp_path):
     assert r.returncode == 2 and "train.lr" in r.stderr
 
 
+def test_export_holds_ema_or_live_weights_as_configured(tmp_path):
+    """train.export_ema (issue 18): the export is the EMA by default, the live weights with export_ema=false, and
+    a finished run re-run with only that changed re-exports (no training step), checked against the checkpoint."""
+    from diffusers import AutoencoderKL
+
+    config, data = _config(tmp_path, train={"ema_decay": 0.5}, loss={"disc_start": 1000}), _photo_dir(tmp_path)
+    out = tmp_path / "run"
+    subprocess.run(_cmd(config, data, out, "--max-steps", "3"), check=True, capture_output=True)
+    ck, losses = _final(out, 3), json.loads((out / "status.json").read_text())["losses"]
+    assert losses, "a finished run reports its last losses"
+    names = list(ck["vae"])  # the checkpoint's parameter order is the model's: the EMA's shadow list follows it
+    params = [n for n in names if ck["vae"][n].dtype.is_floating_point][: len(ck["ema"]["shadow_params"])]
+    exported = lambda: AutoencoderKL.from_pretrained(out / "export").state_dict()  # noqa: E731 - diffusers' reader
+    ema, live = dict(zip(params, ck["ema"]["shadow_params"])), ck["vae"]
+    differ = [n for n in params if not torch.equal(ema[n], live[n])]
+    assert differ, "EMA 0.5 after 3 steps should differ from the live weights"
+    got = exported()
+    for n in differ:
+        torch.testing.assert_close(got[n], ema[n], atol=0, rtol=0)
+    r = subprocess.run(_cmd(config, data, out, "--max-steps", "3", "--set", "train.export_ema=false"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.equal(_final(out, 3)["vae"][differ[0]], live[differ[0]])  # no step was taken
+    got = exported()
+    for n in differ:
+        torch.testing.assert_close(got[n], live[n], atol=0, rtol=0)
+    assert "live weights exported" in (out / "export" / "README.md").read_text()
+    assert json.loads((out / "status.json").read_text())["losses"] == losses  # kept although no step was logged
+
+
 def test_bf16_mixed_precision_on_cpu_learns(tmp_path, monkeypatch, request):
     """train.mixed_precision=bf16 through accelerate: the forward runs under CPU bf16 autocast, the loss stays
     finite and falls (fp32 master weights, as accelerate keeps them)."""

@@ -91,7 +91,7 @@ red or green comes back tinted): train your own with `kl-autoencoder train` or u
 | shift_factor | {c.get('shift_factor')} |
 | training data | BSDS500 train + test (400 photos, 481x321) and, from phase 5, Urban100 (100 city photos, about 1024x768); from phase 6, colour-jittered copies of the BSDS500 training photos and 24 flat colours (`tools/make_colour_jitter.py`); validation: BSDS500 val. BSDS500 and Urban100 are offered for research and education: these weights inherit that. Never trained on Kodak or BSDS500 val. |
 | loss | L1 then L2 (phases 2-{last}), + KL (weight {lo['kl_weight']:g}, LDM's sum-over-pixels form) with posterior sampling; no LPIPS (the VGG16 ImageNet weights it needs cannot be obtained offline here); no GAN (it trades PSNR for texture) |
-| optimisation | phases 1-3 (the earlier default): {EARLIER['optim']}; {optim}; betas {cfg['train']['betas']}; random crops at native resolution with flips; EMA {cfg['train']['ema_decay']} (exported) |
+| optimisation | phases 1-3 (the earlier default): {EARLIER['optim']}; {optim}; betas {cfg['train']['betas']}; random crops at native resolution with flips; EMA {cfg['train']['ema_decay']} ({_exported(cfg['train'], last)}) |
 | steps / images seen | {steps:,} steps / {images:,} images in all |
 | wall time | {EARLIER['hours'] + hours_new:.2f} h on 2 shared CPU cores, niced ({EARLIER['hours']:.2f} h for phases 1-3, {hours_new:.2f} h for phases 4-{last}; `tools/train_shipped_model.sh`) |
 | last training loss | {lo['reconstruction'].upper()} {status['losses'].get('rec', float('nan')):.4f} per pixel (images in [-1, 1], one batch), KL {status['losses'].get('kl', float('nan')):.0f} per image |
@@ -155,6 +155,13 @@ images = vae.decode(latents / vae.config.scaling_factor).sample
     (model / "README.md").write_text(text)
     print(f"wrote {model / 'README.md'}")
 
+
+def _exported(t: dict, last: int) -> str:
+    """Which weights the last phase exported (train.export_ema; configs from before the key: the EMA)."""
+    if t.get("export_ema", True):
+        return "exported; each phase starts from the previous one's export"
+    return (f"phases 1-{last - 1} exported it, each phase starting from the previous one's export; phase {last}'s export "
+            "holds the live weights at the end of its schedule (train.export_ema=false; why: tools/model_card_notes.md)")
 
 def _crops(data: dict) -> str:
     sizes = data.get("crop_sizes")

@@ -123,6 +123,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     grad_clip: float | None = None
     ema_decay: float | None = None  # e.g. 0.9999 (sd-vae-ft-ema); None: no EMA
+    # the run's export (and its final validation) holds the EMA weights (True) or the live ones (False; the EMA is
+    # still kept in checkpoints). At the end of a cosine-to-zero schedule the live weights are the schedule's end
+    # point, while an EMA of horizon 1 / (1 - decay) steps still averages in weights from higher learning rates.
+    export_ema: bool = True
     decoder_only: bool = False  # freeze encoder + quant_conv (sd-vae-ft-mse)
     seed: int = 0
     deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS, scatter-adds): exact resume on a GPU, slower

@@ -5,6 +5,7 @@ Only the main process writes; other processes get a RunLog that counts but write
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -21,8 +22,9 @@ from ..utils.images import save_grid, tensor_to_pil
 log = logging.getLogger("kl_autoencoder")
 
 # Settings a resumed run may change; anything else must match the run directory's config.yaml.
+# export_ema: only what the export holds; training itself is the same.
 _RESUMABLE_CHANGES = {"max_steps", "max_minutes", "log_every", "image_every", "eval_every", "checkpoint_every",
-                      "keep_checkpoints", "num_workers"}
+                      "keep_checkpoints", "num_workers", "export_ema"}
 
 
 class RunLog:
@@ -65,12 +67,22 @@ class RunLog:
     # ---- state carried in checkpoints
     def state(self) -> dict[str, Any]:
         return {"images_seen": self.images_seen, "skipped_nonfinite": self.skipped_nonfinite, "wall_time_s": self.wall_s,
-                "bad_files": dict(self.bad_files), "upscaled": sorted(self.upscaled)}
+                "bad_files": dict(self.bad_files), "upscaled": sorted(self.upscaled), "last": dict(self.last)}
 
-    def restore(self, s: dict[str, Any]) -> None:
+    def restore(self, s: dict[str, Any], step: int) -> None:
         self.images_seen, self.skipped_nonfinite = int(s["images_seen"]), int(s["skipped_nonfinite"])
         self.bad_files, self.upscaled = dict(s["bad_files"]), set(s["upscaled"])
         self.wall_before = self.wall_s = float(s.get("wall_time_s", 0.0))
+        # the last logged losses, so a finished run run again (e.g. to re-export) still reports them; checkpoints
+        # from before this key: status.json's, when it was written at the same step
+        self.last = dict(s["last"]) if "last" in s else self._status_losses(step)
+
+    def _status_losses(self, step: int) -> dict[str, float]:
+        try:
+            old = json.loads((self.dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return dict(old.get("losses") or {}) if old.get("step") == step else {}
 
     def status(self) -> dict[str, Any]:
         return {"step": self._step, "images_seen": self.images_seen, "wall_time_s": round(self.wall_s, 1),
@@ -165,7 +177,8 @@ class RunLog:
                 f"Steps: {self._step}; images seen: {self.images_seen}; wall time this session: {wall_s / 60:.1f} min; "
                 f"batch {t.batch_size} x accumulation {t.grad_accum}; crops {self.cfg.data.crop_size}px; "
                 f"loss: {lo.reconstruction} + {lo.perceptual} (weight {lo.perceptual_weight}) "
-                f"{f' + mean colour x{lo.colour_weight:g}' if lo.colour_weight else ''} + KL {lo.kl_weight:g}; GAN from step {lo.disc_start}; EMA {t.ema_decay}. "
+                f"{f' + mean colour x{lo.colour_weight:g}' if lo.colour_weight else ''} + KL {lo.kl_weight:g}; GAN from step {lo.disc_start}; EMA {t.ema_decay}"
+                f"{'' if not t.ema_decay else ' (exported)' if t.export_ema else ' (kept in checkpoints; live weights exported)'}. "
                 f"Last losses: {self.last}. Validation: {self.val or 'none'}.")
 
     def close(self) -> None:

@@ -98,7 +98,7 @@ def _resume(parts: _Parts, output: str | Path, run: RunLog) -> int:
     if parts.ema is not None:
         parts.ema.load_state_dict(ck["ema"])
     torch.set_rng_state(ck["rng_cpu"])
-    run.restore(ck["run"])
+    run.restore(ck["run"], int(ck["step"]))
     log.info("resumed from %s at step %d", path, int(ck["step"]))
     return int(ck["step"])
 
@@ -242,7 +242,7 @@ def _train(cfg: Config, data: str | Path | list, output: str | Path, acc: Accele
 
     _checkpoint(acc, run, output, step, parts, t.keep_checkpoints)
     if acc.is_main_process:
-        with _ema_weights(parts.ema, parts.vae):
+        with _ema_weights(parts.ema if t.export_ema else None, parts.vae):  # the weights exported are the ones validated
             if val is not None:
                 run.record_validation(validate(parts.vae, val, step))
             export(parts.vae, Path(output) / "export", notes=run.export_notes(time.time() - start_time), name=cfg.name,
@@ -270,7 +270,7 @@ def _deterministic_kernels() -> None:
 
 @contextlib.contextmanager
 def _ema_weights(ema: Any, vae: nn.Module):
-    """Evaluate and export with the EMA weights when there are any, then put the live weights back."""
+    """Evaluate (and export) with the EMA weights when there are any, then put the live weights back."""
     if ema is None:
         yield
         return
