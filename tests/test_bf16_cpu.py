@@ -109,3 +109,35 @@ def test_bf16_packed_weights_follow_changes_and_are_not_state():
     assert list(conv.state_dict()) == ["weight", "bias"]
     twin = copy.deepcopy(conv)
     assert not twin.__dict__.get("_bf16_cache")
+
+
+def test_downsample_pad_is_f_pad():
+    x = torch.randn(2, 16, 7, 6, generator=torch.Generator().manual_seed(8)).bfloat16().contiguous(memory_format=torch.channels_last)
+    y = bf16.pad_right_bottom(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, F.pad(x, (0, 1, 0, 1)))
+
+
+@needs_bf16
+def test_upsample_sums_give_norm1_statistics():
+    """bf16.upsample_conv2d also sums each channel while it writes the 2x map; GroupNorm's (scale, shift) folded
+    from those sums equal the ones of a statistics pass over the map itself (a copy without the sums), and
+    the float64 reference."""
+    from kl_autoencoder.inference import groupnorm
+
+    g = torch.Generator().manual_seed(9)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1).bfloat16()
+    norm = torch.nn.GroupNorm(8, 48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+        norm.bias.copy_(torch.randn(48, generator=g))
+        x = (torch.randn(2, 32, 9, 70, generator=g) + 3).bfloat16().contiguous(memory_format=torch.channels_last)
+        y = bf16.upsample_conv2d(conv, x)
+        assert hasattr(y, "_kl_channel_sums")
+        fused = groupnorm.norm_scale_shift(norm, y)
+        plain = groupnorm.norm_scale_shift(norm, y.clone())  # a clone carries no sums: the statistics pass
+        ref = F.group_norm(y.double(), 8, norm.weight.double(), norm.bias.double(), norm.eps)
+    assert not hasattr(y.clone(), "_kl_channel_sums")
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    got = y.double() * fused[0].double()[..., None, None] + fused[1].double()[..., None, None]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)

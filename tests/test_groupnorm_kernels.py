@@ -73,3 +73,73 @@ def test_not_supported_falls_back():
     assert not groupnorm.supported(norm, x)
     with torch.enable_grad():
         assert not groupnorm.supported(_norm(8, 32), x.requires_grad_())
+
+
+def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 values at |v| (8 significant bits), for normal numbers."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -126)))) * 2.0 ** -7
+
+
+def test_bf16_silu_within_one_rounding_step_of_exact():
+    """The bf16 path's cheap SiLU (degree-5 exp, approximate reciprocal): every output equals the exactly rounded
+    SiLU or is one bf16 step from it, over -100..100 (where exp(-x) overflows float32) and typical values, and
+    99% are exactly it."""
+    norm = torch.nn.GroupNorm(1, 16, eps=1e-6, affine=False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.linspace(-100, 100, 16 * 4000), torch.randn(16 * 4000, generator=g) * 4]).view(1, 16, -1, 8)
+    x = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        # identity normalisation: scale 1, shift 0, so the kernel applies SiLU to x itself
+        scale, shift = torch.ones(1, 16), torch.zeros(1, 16)
+        out = groupnorm.apply_scale_shift(x, scale, shift, silu=True).double()
+    exact = F.silu(x.double())
+    rounded = exact.bfloat16().double()
+    tiny = exact.abs() < 1e-30  # x below about -70: SiLU underflows towards 0 (the kernel returns -0 there)
+    steps = (out - rounded).abs()[~tiny] / _ulp_bf16(rounded[~tiny])
+    assert torch.isfinite(out).all() and out[tiny].abs().max() < 1e-30
+    assert steps.max() <= 1.0, float(steps.max())
+    assert (out == rounded)[~tiny].double().mean() > 0.99
+
+
+def test_inplace_apply_equals_a_new_tensor():
+    norm = _norm(8, 32)
+    x = (torch.randn(2, 32, 9, 7, generator=torch.Generator().manual_seed(6)) * 2).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        new = groupnorm.group_norm_silu(norm, x)
+        y = x.clone()
+        same = groupnorm.group_norm_silu(norm, y, inplace=True)
+    assert same.data_ptr() == y.data_ptr() and torch.equal(same, new)
+
+
+def test_attention_tokens_take_the_fast_forward_and_match_groupnorm():
+    """diffusers Attention normalises (B, C, N) tokens whose memory is channels_last; the patched forward
+    (fastconv) runs them through the bf16 kernels, and the class's forward whenever fast paths are off."""
+    from kl_autoencoder import settings
+    from kl_autoencoder.inference import tiling_approx
+
+    norm = _norm(8, 32).bfloat16()
+    norm.forward = groupnorm.fast_forward.__get__(norm)
+    x4 = (torch.randn(2, 32, 6, 5, generator=torch.Generator().manual_seed(7)) * 3 + 1).bfloat16()
+    x4 = x4.contiguous(memory_format=torch.channels_last)
+    tokens = x4.view(2, 32, 30).transpose(1, 2)  # diffusers AttnProcessor2_0: (B, N, C)
+    calls = []
+    original = groupnorm.norm_scale_shift
+    try:
+        groupnorm.norm_scale_shift = lambda *a: calls.append(1) or original(*a)
+        with torch.no_grad():
+            out = norm(tokens.transpose(1, 2)).transpose(1, 2)  # what the processor calls
+            with settings.use_fastconv(False):
+                eager = norm(tokens.transpose(1, 2)).transpose(1, 2)
+    finally:
+        groupnorm.norm_scale_shift = original
+    assert len(calls) == 1  # the fast path ran once, the disabled call did not use it
+    exact = F.group_norm(x4.double(), 8, norm.weight.double(), norm.bias.double(), norm.eps).view(2, 32, 30).transpose(1, 2)
+    assert out.shape == tokens.shape and out.dtype == torch.bfloat16
+    assert (out.double() - exact).abs().max() <= (eager.double() - exact).abs().max() * 1.01 + 1e-6
+    # tiling_approx swaps every norm's forward for fixed statistics and must give ours back afterwards
+    net = torch.nn.Sequential(norm)
+    with tiling_approx._Norms(net).patched():
+        assert getattr(norm.__dict__["forward"], "__func__", None) is not groupnorm.fast_forward
+        assert not groupnorm.supported(norm, x4)
+    assert norm.__dict__["forward"].__func__ is groupnorm.fast_forward and groupnorm.supported(norm, x4)

@@ -2,6 +2,7 @@
 `vae.encode` on pre-loaded tensors.
 
     python tools/bench_encode.py [--images 48] [--resolution 256] [--batch-size 8] [--repeats 2] [--no-ray]
+                                 [--dtype bf16]
 
 Model: the tiny-kl-f8 preset (untrained weights; speed does not depend on training), exported to a
 folder so the command loads it as a user would. Images: ../shared/data/bsds500 (JPEG 481x321) if
@@ -60,6 +61,8 @@ def main() -> int:
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", default="tiny-kl-f8", help="preset or model folder")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the command's --dtype; the bare figure runs diffusers eager in the same dtype")
     ap.add_argument("--no-ray", action="store_true", help="skip the --engine ray runs")
     ap.add_argument("--ray-actors", type=int, default=None, help="encoder actors (default: the engine's plan)")
     args = ap.parse_args()
@@ -72,8 +75,10 @@ def main() -> int:
         ka.export(vae, model)
         t = Transform.fixed(args.resolution)
         x = torch.stack([pil_to_tensor(t(load_image(f))[0]) for f in find_images(data)])  # (N, 3, R, R) in [-1, 1]
+        if args.dtype == "bf16":
+            vae, x = vae.to(torch.bfloat16), x.to(torch.bfloat16)  # diffusers eager bf16, as on a GPU
         batches = list(x.split(args.batch_size))
-        print(f"{what}, {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.model}, "
+        print(f"{what}, {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.model} {args.dtype}, "
               f"{torch.get_num_threads()} torch threads, {args.num_workers} loader worker(s)")
         with torch.no_grad():
             vae.encode(batches[0])  # warm-up
@@ -86,7 +91,8 @@ def main() -> int:
             bare.append(len(x) / (time.perf_counter() - t0))
             out = tmp / f"out{r}"
             argv = ["encode", str(model), str(data), str(out), "--resolution", str(args.resolution),
-                    "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--tiling", "never"]
+                    "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--tiling", "never",
+                    "--dtype", args.dtype]
             t0 = time.perf_counter()
             assert cli.main(argv) == 0
             cmd.append(len(x) / (time.perf_counter() - t0))

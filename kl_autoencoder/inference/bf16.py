@@ -26,6 +26,7 @@ import functools
 import torch
 import torch.nn as nn
 
+from . import groupnorm
 from .cbuild import PRELUDE, build, cpu_flags
 from .packed_cache import PackedCache
 
@@ -36,6 +37,42 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # The four sub-pixel phases of the 2x2 conv's output (h+1, w+1, 4 x C_out) interleaved into (2h, 2w, C_out),
 # channels_last bf16, one row of C_out channels at a time (torch's strided copy_ of the same took 5-10x longer).
 _SOURCE = PRELUDE + r"""
+/* The same, also summing each channel's values (shifted by K[c], float per 64 pixels, double beyond): the
+   GroupNorm statistics of the next ResnetBlock2D's norm1 (groupnorm.py), so that its own statistics pass over the
+   whole 2x map is saved. sums: (2, co) doubles, zeroed by the caller. co: a multiple of 16. */
+typedef uint16_t u16v __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32v __attribute__((vector_size(64), aligned(64)));
+void subpixel_interleave_sums(const uint16_t* o, uint16_t* y, long h, long w, long co, int nt, const float* K,
+                              double* sums) {
+  #pragma omp parallel num_threads(nt)
+  {
+    double* acc = (double*)calloc(2 * co, sizeof(double));
+    float* f = (float*)aligned_alloc(64, 2 * co * sizeof(float));
+    #pragma omp for schedule(static)
+    for (long i = 0; i < h; i++)
+      for (int a = 0; a < 2; a++) {
+        uint16_t* yr = y + (2 * i + a) * 2 * w * co;
+        for (long j0 = 0; j0 < w; j0 += 32) {  /* 64 output pixels per float partial sum */
+          long j1 = j0 + 32 < w ? j0 + 32 : w;
+          for (long c0 = 0; c0 < co; c0 += 16) {  /* one vector of channels, its sums in registers */
+            v16 k = vload(K + c0), s1 = vset1(0.f), s2 = vset1(0.f);
+            for (long j = j0; j < j1; j++)
+              for (int b = 0; b < 2; b++) {
+                u16v raw = *(const u16v*)(o + (((i + a) * (w + 1) + j + b) * 4 + 2 * a + b) * co + c0);
+                *(u16v*)(yr + (2 * j + b) * co + c0) = raw;
+                v16 d = (v16)(__builtin_convertvector(raw, u32v) << 16) - k;
+                s1 += d; s2 += d * d;
+              }
+            vstore(f + c0, s1); vstore(f + co + c0, s2);
+          }
+          for (long c = 0; c < 2 * co; c++) acc[c] += f[c];
+        }
+      }
+    #pragma omp critical
+    for (long c = 0; c < 2 * co; c++) sums[c] += acc[c];
+    free(acc); free(f);
+  }
+}
 void subpixel_interleave(const uint16_t* o, uint16_t* y, long h, long w, long co, int nt) {
   #pragma omp parallel for num_threads(nt) schedule(static)
   for (long i = 0; i < h; i++)
@@ -52,7 +89,8 @@ void subpixel_interleave(const uint16_t* o, uint16_t* y, long h, long w, long co
 @functools.cache
 def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_long, ctypes.c_void_p
-    return build("bf16", _SOURCE, {"subpixel_interleave": (None, [ptr, ptr, i64, i64, i64, ctypes.c_int])})
+    return build("bf16", _SOURCE, {"subpixel_interleave": (None, [ptr, ptr, i64, i64, i64, ctypes.c_int]),
+                                   "subpixel_interleave_sums": (None, [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr])})
 
 
 @functools.cache  # asked per conv; the CPU and the torch build do not change
@@ -107,6 +145,17 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) ->
     return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, *args, "add", None, None, [], None)
 
 
+def pad_right_bottom(x: torch.Tensor) -> torch.Tensor:
+    """``F.pad(x, (0, 1, 0, 1))`` (diffusers Downsample2D) as (B, C, H+1, W+1) channels_last: one strided copy
+    and two zeroed edges."""
+    b, c, h, w = x.shape
+    y = torch.empty(b, c, h + 1, w + 1, dtype=x.dtype, memory_format=CL)
+    y[:, :, :h, :w] = x
+    y[:, :, h, :] = 0
+    y[:, :, :h, w] = 0
+    return y
+
+
 def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
     """3x3 kernel on the 2x nearest-upsampled map -> 2x2 kernels on the low-resolution map, one per phase.
 
@@ -141,6 +190,15 @@ def upsample_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     out = out.contiguous(memory_format=CL)
     y = torch.empty(b, co, 2 * h, 2 * w, dtype=x.dtype, memory_format=CL)  # (B, C_out, 2h, 2w)
     lib = library()
+    if lib is not None and co % 16 == 0:
+        # the copy also sums each channel, shifted by its first value (phase 0 at (0, 0)): norm1's statistics
+        shifts = out[:, :co, 0, 0].float().contiguous()  # (B, C_out)
+        sums = torch.zeros(b, 2, co, dtype=torch.float64)  # (B, [sum(y - K), sum((y - K)^2)], C_out)
+        for k in range(b):
+            lib.subpixel_interleave_sums(out[k].data_ptr(), y[k].data_ptr(), h, w, co, torch.get_num_threads(),
+                                         shifts[k].data_ptr(), sums[k].data_ptr())
+        groupnorm.attach_channel_sums(y, sums, shifts)
+        return y
     if lib is not None:
         for k in range(b):
             lib.subpixel_interleave(out[k].data_ptr(), y[k].data_ptr(), h, w, co, torch.get_num_threads())

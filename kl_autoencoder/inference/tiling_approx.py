@@ -70,13 +70,16 @@ class _Norms:
 
     @contextmanager
     def patched(self) -> Iterator[None]:
+        before = [norm.__dict__.get("forward") for norm in self.norms]  # fastconv's bf16 forward, if any
         for i, norm in enumerate(self.norms):
             norm.forward = (lambda i, norm: lambda x: self._forward(i, norm, x))(i, norm)
         try:
             yield
         finally:
-            for norm in self.norms:
-                del norm.forward  # back to the class's GroupNorm.forward
+            for norm, forward in zip(self.norms, before):
+                del norm.forward  # back to the class's GroupNorm.forward ...
+                if forward is not None:
+                    norm.forward = forward  # ... or to what it ran before
 
 
 def _boxes(n: int, tile: int) -> list[tuple[int, int]]:
