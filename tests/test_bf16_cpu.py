@@ -141,3 +141,23 @@ def test_upsample_sums_give_norm1_statistics():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     got = y.double() * fused[0].double()[..., None, None] + fused[1].double()[..., None, None]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@needs_bf16
+def test_bf16_packed_weights_kept_per_input_size():
+    """Exact tiling alternates tile sizes: each size keeps its packed weight (packed once), up to PACKED_SIZES."""
+    conv = fastconv.optimize(torch.nn.Conv2d(32, 32, 3, padding=1).bfloat16())
+    sizes = [(1, 32, 10, 10), (1, 32, 10, 7), (1, 32, 6, 10)]
+    with torch.no_grad():
+        for s in sizes:
+            conv(torch.randn(*s).bfloat16())
+        table = conv.__dict__["_bf16_cache"]["conv"][1]
+        packed = {k: v[0] for k, v in table.items()}
+        for s in sizes * 2:  # alternating again: nothing repacked
+            x = torch.randn(*s).bfloat16()
+            ref = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1)
+            torch.testing.assert_close(conv(x).float(), ref, atol=0.02, rtol=2 ** -7)
+        assert len(table) == 3 and all(table[k][0] is v for k, v in packed.items())
+        for h in range(11, 11 + bf16.PACKED_SIZES):
+            conv(torch.randn(1, 32, h, 5).bfloat16())
+        assert len(table) == bf16.PACKED_SIZES

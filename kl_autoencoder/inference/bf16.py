@@ -113,20 +113,32 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
+# Input sizes kept packed per conv and kind: exact tiling alternates interior, edge and corner tile sizes, and
+# oneDNN packs a weight for one input size; with one entry each change of size repacked every conv.
+PACKED_SIZES = 4
+
+
 def _packed(conv: nn.Conv2d, kind: str, make, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(packed weight, bias) cached on the module per ``kind`` and input size (weight data pointer and version
-    in the key, so a replaced or modified weight is repacked); not a buffer, the state dict is unchanged."""
+    """(packed weight, bias) cached on the module per ``kind`` and input size, up to ``PACKED_SIZES`` sizes
+    (weight data pointer and version in the key, so a replaced or modified weight is repacked); not a buffer,
+    the state dict is unchanged."""
     w = conv.weight
-    key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(x.shape[1:]))
+    version, size = (w.data_ptr(), None if w.is_inference() else w._version), tuple(x.shape[1:])
     cache = conv.__dict__.setdefault("_bf16_cache", PackedCache())
-    entry = cache.get(kind)
-    if entry is None or entry[0] != key:
+    entries = cache.get(kind)
+    if entries is None or entries[0] != version:
+        entries = cache[kind] = (version, {})  # a new or changed weight: every size packed afresh
+    table = entries[1]
+    entry = table.get(size)
+    if entry is None:
         weight, bias, padding = make()
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, padding, list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
         )
-        entry = cache[kind] = (key, packed, bias)
-    return entry[1], entry[2]  # this call's entry, whatever another thread stored meanwhile
+        while len(table) >= PACKED_SIZES:
+            table.pop(next(iter(table), None), None)  # the oldest size
+        entry = table[size] = (packed, bias)
+    return entry  # this call's entry, whatever another thread stored meanwhile
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,8 +13,10 @@ This module decides where each piece runs and patches the model (generic: ``nn.C
   (``groupnorm.py``: statistics in one pass, the normalised map never written), SiLU and the residual
   add in place; an Upsample2D's nearest 2x upsampling is read straight from the low-resolution map.
 - bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
-  channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics, the residual
-  add fused into conv2, Upsample2D as sub-pixel convolutions. On a CPU without native bf16,
+  channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in place;
+  every other GroupNorm, e.g. the attention's, through the same kernels), the residual add fused into conv2,
+  Upsample2D as sub-pixel convolutions whose copy also sums the next norm1's statistics, Downsample2D's pad
+  as one strided copy. On a CPU without native bf16,
   ``optimize`` runs the model in fp32 instead (one warning line): emulated bf16 is slower than fp32.
 
 Use::

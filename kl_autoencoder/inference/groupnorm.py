@@ -11,7 +11,9 @@ Statistics are accumulated in float32 vectors per chunk of at most 4096 values a
 shifted by one value of the group (so E[x^2] - E[x]^2 does not cancel), as GroupNorm's own CPU
 kernel keeps float32 statistics for bf16 input. Layouts: NCHW float32, and channels_last bfloat16 (the
 bf16 path, ``bf16.py``), whose input is widened to float32 and whose output is rounded once to bf16
-(round to nearest even).
+(round to nearest even); its SiLU is a cheaper approximation accurate far below bf16's rounding step.
+A map whose writer already summed its channels (the bf16 upsampler) carries those sums and skips the
+statistics pass. ``fast_forward`` is ``GroupNorm.forward`` through these kernels (``fastconv`` patches it in).
 """
 
 from __future__ import annotations
