@@ -89,7 +89,7 @@ def test_full_size_round_trip_is_bit_identical(preset):
 
 def test_tiny_and_c16_file_round_trip(tmp_path, micro_vae_c16):
     for name, vae in [("tiny", perturb(ka.create("tiny-kl-f8"))), ("c16", micro_vae_c16)]:
-        path = ka.export(vae, tmp_path / f"{name}.safetensors", format="ldm", force=True)  # not SD-sized: forced
+        path = ka.export(vae, tmp_path / f"{name}.safetensors", format="ldm", allow_nonstandard=True)  # not SD-sized
         assert path == tmp_path / f"{name}.safetensors"
         back = ka.load(path)
         assert_same_weights(vae.state_dict(), back.state_dict())
@@ -103,7 +103,7 @@ def test_diffusers_own_converter_reads_our_ldm_file(tmp_path, micro_vae):
     """diffusers' single-file converter (an independent implementation) agrees with our LDM layout."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    path = save_ldm(micro_vae, tmp_path / "vae.safetensors", dtype="fp32", force=True)
+    path = save_ldm(micro_vae, tmp_path / "vae.safetensors", dtype="fp32", allow_nonstandard=True)
     with safe_open(str(path), "pt") as f:
         ldm = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
@@ -148,7 +148,7 @@ def test_legacy_diffusers_names_load(tmp_path, micro_vae):
 
 
 def test_scaling_factor_metadata_and_default(tmp_path, micro_vae, caplog):
-    path = save_ldm(micro_vae, tmp_path / "m.safetensors", force=True)
+    path = save_ldm(micro_vae, tmp_path / "m.safetensors", allow_nonstandard=True)
     assert load_file(path).config.scaling_factor == 0.5
     bare = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in micro_vae.state_dict().items()}, str(bare))
@@ -199,7 +199,7 @@ def test_groups_inference():
 def test_cli_convert_both_ways(tmp_path, micro_vae, capsys):
     vae = ka.create(dataclasses.replace(MICRO, shift_factor=0.25))
     src = ka.export(perturb(vae), tmp_path / "diffusers")
-    assert cli.main(["convert", str(src), str(tmp_path / "v.safetensors"), "--to", "ldm", "--dtype", "fp16", "--force"]) == 0
+    assert cli.main(["convert", str(src), str(tmp_path / "v.safetensors"), "--to", "ldm", "--dtype", "fp16", "--allow-nonstandard"]) == 0
     with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
         assert f.get_tensor("decoder.conv_out.weight").dtype == torch.float16
         assert float(f.metadata()["shift_factor"]) == 0.25

@@ -117,11 +117,15 @@ def test_ldm_export_refuses_the_shipped_model_with_the_reason(tmp_path, capsys):
     line = err.strip()
     assert "\n" not in line and line.startswith("error: refusing to write")
     assert "block_out_channels [32, 64, 128, 128] (they build [128, 256, 512, 512])" in line
-    assert "layers_per_block 1 (they build 2)" in line and "--force" in line and "from_single_file(path, config=FOLDER)" in line
+    assert "layers_per_block 1 (they build 2)" in line and "--allow-nonstandard" in line and "from_single_file(path, config=FOLDER)" in line
     err_load = _comfy_layout_load(ka.load(shipped))  # the reason is real: size mismatches in SD's layout
     assert err_load is not None and str(err_load).count("size mismatch") > 100
-    rc, _ = _cli(["export", str(shipped), str(out), "--format", "ldm", "--force"], capsys)
+    rc, err = _cli(["export", str(shipped), str(out), "--format", "ldm", "--force"], capsys)
+    assert rc == 2 and not out.exists() and "--allow-nonstandard" in err  # --force only replaces outputs
+    rc, _ = _cli(["export", str(shipped), str(out), "--format", "ldm", "--allow-nonstandard"], capsys)
     assert rc == 0 and out.is_file()
+    rc, err = _cli(["export", str(shipped), str(out), "--format", "ldm", "--allow-nonstandard"], capsys)
+    assert rc == 2 and "exists" in err  # ... and --allow-nonstandard does not replace one
 
 
 def test_ldm_export_refuses_the_16_group_sd_model_that_would_load_silently(tmp_path, capsys):
@@ -160,9 +164,9 @@ def test_exported_files_are_0644_under_umask_022(tmp_path, micro_vae):
     old = os.umask(0o022)
     try:
         folder = ka.export(micro_vae, tmp_path / "d")
-        ldm = ka.export(micro_vae, tmp_path / "l.safetensors", format="ldm", force=True)
+        ldm = ka.export(micro_vae, tmp_path / "l.safetensors", format="ldm", allow_nonstandard=True)
         os.umask(0o002)
-        group = ka.export(micro_vae, tmp_path / "g.safetensors", format="ldm", force=True)
+        group = ka.export(micro_vae, tmp_path / "g.safetensors", format="ldm", allow_nonstandard=True)
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}

@@ -39,7 +39,7 @@ def fine_tuned(vae: torch.nn.Module) -> torch.nn.Module:
 def test_fine_tuned_vae_swaps_and_pipeline_generates(pipe_dir, tmp_path, capsys):
     current = ka.load(pipe_dir / "vae")
     new = fine_tuned(current)
-    vae_file = ka.export(new, tmp_path / "ft-vae.safetensors", format="ldm", force=True)  # an LDM file, as users download them
+    vae_file = ka.export(new, tmp_path / "ft-vae.safetensors", format="ldm", allow_nonstandard=True)  # an LDM file, as users download them
     out = tmp_path / "swapped"
     assert cli.main(["swap", str(pipe_dir), str(vae_file), str(out), "--size", "64"]) == 0
     printed = capsys.readouterr().out

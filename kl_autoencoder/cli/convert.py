@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(first_stage_model.*) and FLUX.2 VAE files (bn.* BatchNorm buffers). Every key must map and every shape "
         "must match; pickles are read weights-only (code in them never runs). The architecture is read from "
         "tensor shapes; --family sets the latent factors shapes cannot tell. --to ldm refuses architectures "
-        "ComfyUI/AUTOMATIC1111 cannot build unless --force.",
+        "ComfyUI/AUTOMATIC1111 cannot build unless --allow-nonstandard.",
     )
     p.add_argument("input", metavar="IN", help="diffusers folder, weights file or hub id")
     p.add_argument("output", metavar="OUT", help="output folder (--to diffusers) or .safetensors file (--to ldm)")
@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="set the published factors and force_upcast of a VAE family (model/families.py cites each)")
     p.add_argument("--revision", default=None, help="hub id IN: a branch, tag or commit")
     p.add_argument("--offline", action="store_true", help="hub id IN: the Hugging Face cache only (as HF_HUB_OFFLINE=1)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT; --to ldm: write even if ComfyUI/AUTOMATIC1111 cannot build it")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("--allow-nonstandard", action="store_true",
+                   help="--to ldm: write the file even though ComfyUI/AUTOMATIC1111 cannot build this architecture")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/inf values (refused otherwise)")
     p.set_defaults(func=run)
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                              allow_nonfinite=args.allow_nonfinite)
     dtype = args.dtype or DTYPE_NAMES.get(info["dtype"] or next(vae.parameters()).dtype, "fp32")
     if args.to == "ldm":
-        out = save_ldm(vae, args.output, dtype=dtype, force=args.force)
+        out = save_ldm(vae, args.output, dtype=dtype, force=args.force, allow_nonstandard=args.allow_nonstandard)
     else:
         out = export(vae, args.output, dtype=dtype, force=args.force)
     c = vae.config

@@ -72,20 +72,21 @@ def export(
     notes: str | None = None,
     name: str | None = None,
     force: bool = False,
+    allow_nonstandard: bool = False,
 ) -> Path:
     """Write ``vae`` for other tools; the model itself is not changed.
 
     ``format="diffusers"``: a folder with config.json, diffusion_pytorch_model.safetensors and a
     README.md model card, loadable by ``AutoencoderKL.from_pretrained``. ``format="ldm"``: one
     .safetensors file in CompVis/LDM key layout (ComfyUI, AUTOMATIC1111), refused for an architecture
-    those tools cannot build unless ``force`` (``ldm_export.py``). ``dtype``: fp32, fp16, bf16. Files are
+    those tools cannot build unless ``allow_nonstandard`` (``ldm_export.py``). ``dtype``: fp32, fp16, bf16. Files are
     written ``0666 & ~umask`` (0644 under the usual umask 022), not safetensors' 0600. An existing output is
     refused (FileExistsError) unless ``force``, which replaces it file by file.
     """
     torch_dtype = resolve_dtype(dtype)
     out = Path(out)
     if format == "ldm":
-        return save_ldm(vae, out, dtype=dtype, force=force)
+        return save_ldm(vae, out, dtype=dtype, force=force, allow_nonstandard=allow_nonstandard)
     if format != "diffusers":
         raise InputError(f"format {format!r}: choose diffusers or ldm")
     if out.exists() and not out.is_dir():

@@ -14,7 +14,7 @@ load the weights into it, taking only the latent channel count from the file.
 
 So another width or depth fails there with size mismatches, and another GroupNorm group count or
 activation (not visible in the weights' shapes) loads silently and decodes wrong images. ``save_ldm``
-refuses such a model, with the reason and the alternative, unless ``force=True``.
+refuses such a model, with the reason and the alternative, unless ``allow_nonstandard=True``.
 """
 
 from __future__ import annotations
@@ -82,11 +82,12 @@ def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def save_ldm(vae: nn.Module, out: str | Path, *, dtype: str = "fp32", force: bool = False) -> Path:
+def save_ldm(vae: nn.Module, out: str | Path, *, dtype: str = "fp32", force: bool = False,
+             allow_nonstandard: bool = False) -> Path:
     """Write ``vae`` as one LDM-layout .safetensors (ComfyUI, AUTOMATIC1111); returns the path written.
 
     Refuses (IncompatibleLayoutError, nothing written) a model whose architecture differs from the one
-    those tools build (module doc), unless ``force``. The metadata keeps scaling/shift factor, GroupNorm
+    those tools build (module doc), unless ``allow_nonstandard``; an existing file unless ``force``. The metadata keeps scaling/shift factor, GroupNorm
     groups, activation (and latents_mean/std, FLUX.2's BatchNorm fields), which ``load_file`` reads back.
     """
     torch_dtype = resolve_dtype(dtype)
@@ -98,12 +99,13 @@ def save_ldm(vae: nn.Module, out: str | Path, *, dtype: str = "fp32", force: boo
     if out.exists() and not force:
         raise FileExistsError(f"{out}: exists; choose another output, or pass --force (force=True) to replace it")
     problems = ldm_layout_problems(vae)
-    if problems and not force:
+    if problems and not allow_nonstandard:
         raise IncompatibleLayoutError(
             f"refusing to write {out}: ComfyUI and AUTOMATIC1111 build every KL-VAE file with SD's fixed layout and read "
             f"only the latent channel count from it, and this model differs: {'; '.join(problems)}. Export the diffusers "
             "folder instead (`kl-autoencoder export MODEL OUT`, loaded with `from_pretrained`), or load an LDM file with "
-            "its config: diffusers `AutoencoderKL.from_single_file(path, config=FOLDER)`; --force (force=True) writes it anyway"
+            "its config: diffusers `AutoencoderKL.from_single_file(path, config=FOLDER)`; --allow-nonstandard "
+            "(allow_nonstandard=True) writes it anyway"
         )
     tensors = {k: (v.detach().to("cpu", torch_dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                for k, v in to_ldm_state_dict(vae).items()}
