@@ -32,7 +32,8 @@ def test_fp32_matches_torch(shape, groups, silu):
         ref = F.group_norm(x.double(), groups, norm.weight.double(), norm.bias.double(), norm.eps)  # independent, float64
         ref = F.silu(ref) if silu else ref
         out = groupnorm.group_norm_silu(norm, x, silu)
-    assert groupnorm.supported(norm, x) and out.dtype == torch.float32
+    with torch.no_grad():
+        assert groupnorm.supported(norm, x) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
@@ -58,21 +59,23 @@ def test_bf16_channels_last_no_worse_than_torch(shape, groups):
         exact = F.silu(F.group_norm(x.double(), groups, nb.weight.double(), nb.bias.double(), norm.eps))
         ours = groupnorm.group_norm_silu(nb, x)
         torch_bf16 = F.silu(nb(x))
-    assert groupnorm.supported(nb, x)
+    with torch.no_grad():
+        assert groupnorm.supported(nb, x)
     assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
     err, err_torch = (ours.double() - exact).abs().max(), (torch_bf16.double() - exact).abs().max()
     assert err <= err_torch * 1.01 + 1e-6, (float(err), float(err_torch))
 
 
 def test_not_supported_falls_back():
-    norm = _norm(8, 32)
+    norm = _norm(8, 32).requires_grad_(False)  # frozen: only the condition under test says no
     x = torch.randn(1, 32, 8, 8)
+    assert groupnorm.supported(norm, x)
     assert not groupnorm.supported(norm, x.contiguous(memory_format=torch.channels_last))  # fp32 channels_last
     assert not groupnorm.supported(norm, x.double())
+    with torch.enable_grad():
+        assert not groupnorm.supported(norm, x.clone().requires_grad_())
     norm.forward = lambda t: t  # tiling_approx replaces norms' forward: the kernels must not bypass it
     assert not groupnorm.supported(norm, x)
-    with torch.enable_grad():
-        assert not groupnorm.supported(_norm(8, 32), x.requires_grad_())
 
 
 def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,21 @@ def test_attention_tokens_take_the_fast_forward_and_match_groupnorm():
     assert (out.double() - exact).abs().max() <= (eager.double() - exact).abs().max() * 1.01 + 1e-6
     # tiling_approx swaps every norm's forward for fixed statistics and must give ours back afterwards
     net = torch.nn.Sequential(norm)
-    with tiling_approx._Norms(net).patched():
-        assert getattr(norm.__dict__["forward"], "__func__", None) is not groupnorm.fast_forward
-        assert not groupnorm.supported(norm, x4)
-    assert norm.__dict__["forward"].__func__ is groupnorm.fast_forward and groupnorm.supported(norm, x4)
+    with torch.no_grad():
+        with tiling_approx._Norms(net).patched():
+            assert getattr(norm.__dict__["forward"], "__func__", None) is not groupnorm.fast_forward
+            assert not groupnorm.supported(norm, x4)
+        assert norm.__dict__["forward"].__func__ is groupnorm.fast_forward and groupnorm.supported(norm, x4)
+
+
+def test_training_keeps_eager_groupnorm_for_its_gradients():
+    """With autograd recording and trainable weights the patched forward runs the class's (differentiable) one,
+    even when the input itself needs no gradient (e.g. a frozen layer before it)."""
+    norm = _norm(8, 32).bfloat16()
+    norm.forward = groupnorm.fast_forward.__get__(norm)
+    x = torch.randn(1, 32, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    assert not groupnorm.supported(norm, x)  # grad enabled, weights trainable
+    norm(x).float().sum().backward()
+    assert norm.weight.grad is not None and norm.bias.grad is not None
+    with torch.no_grad():
+        assert groupnorm.supported(norm, x)

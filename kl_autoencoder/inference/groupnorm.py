@@ -205,12 +205,13 @@ def _own_forward(norm: nn.Module) -> bool:
 
 def supported(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether these kernels handle ``norm(x)``: an ``nn.GroupNorm`` whose forward is not overridden
-    (``tiling_approx`` patches norms with fixed statistics), on a layout of ``_layout``, without autograd."""
+    (``tiling_approx`` patches norms with fixed statistics), on a layout of ``_layout``, without autograd
+    recording (neither ``x`` nor the norm's weights asking for gradients: the kernels have no backward)."""
     return (
         type(norm) is nn.GroupNorm
         and _own_forward(norm)
         and _layout(x) is not None
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())))
         and library() is not None
     )
 
