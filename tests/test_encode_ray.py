@@ -74,6 +74,25 @@ class RegisteringEncoder(RayEncoder):
         return super().__call__(batch)
 
 
+class TightMemoryEncoder(RayEncoder):
+    """Our encoder actor on a device that holds one image at a time: each batch of two runs out of memory once,
+    and the actor tallies those in the registry actor (an independent count of what the manifest should say)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from kl_autoencoder.latents import encoding
+
+        real, registry = encoding.encode_moments, ray.get_actor(REGISTRY)
+
+        def tight(vae, x, **kw):
+            if x.shape[0] > 1:
+                ray.get(registry.add.remote(int(x.shape[0])))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(vae, x, **kw)
+
+        encoding.encode_moments = tight  # this actor's process only
+
+
 def _tars(root: Path, shards: int = 3, per: int = 6) -> str:
     for s in range(shards):
         img2dataset_tar(root / f"{s:05d}.tar", s, per, corrupt={4} if s == 1 else set(), no_caption={0} if s == 0 else set())
@@ -166,3 +185,25 @@ def test_ray_actor_killed_mid_job_every_sample_once(ray_cluster, micro_vae, tmp_
             stored += [s["path"] for s in json.loads(f.metadata()["samples"])]
     assert sorted(stored) == valid  # and stored once
     _same_cache(tmp_path / "default", out, [(None, False)])
+
+
+@pytest.mark.slow
+def test_ray_engine_counts_oom_halvings_in_the_manifest(ray_cluster, micro_vae, tmp_path):
+    """An encoder actor out of memory halves its batch (nothing lost) and the manifest counts every halving, as the
+    default engine's does."""
+    data = tmp_path / "folder"
+    data.mkdir()
+    for i in range(6):
+        photo(50 + i, (64, 64)).save(data / f"{i}.png")
+    kw = dict(resolution=32, batch_size=2, progress=False)
+    encode_dataset(micro_vae, data, tmp_path / "default", num_workers=0, **kw)
+    registry = Registry.options(name=REGISTRY).remote()
+    try:
+        r = encode_dataset(micro_vae, data, tmp_path / "ray", engine="ray",
+                           ray=RayOptions(**OPTIONS, encoder_cls=TightMemoryEncoder), **kw)
+        raised = ray.get(registry.get.remote())  # one entry per out-of-memory, from the actors themselves
+    finally:
+        ray.kill(registry)
+    assert r.n_encoded == 6 and raised and set(raised) == {2}
+    assert read_manifest(tmp_path / "ray")["counts"]["oom_halvings"] == len(raised)
+    _same_cache(tmp_path / "default", tmp_path / "ray", [(None, False)])

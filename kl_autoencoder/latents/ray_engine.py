@@ -138,8 +138,11 @@ class RayEncoder:
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
-                moments = encode_records(self.vae, [records[i] for i in chunk], self.variants, self.store,
-                                         self.device, self.encode_kw, on_split=log_split)
+                splits: list[int] = []
+                moments = encode_records(self.vae, [records[i] for i in chunk], self.variants, self.store, self.device,
+                                         self.encode_kw, on_split=lambda b, h: (log_split(b, h), splits.append(b)))
+                if splits:  # counted by the driver into the manifest, as the default engine does
+                    records[chunk[0]]["oom_halvings"] = len(splits)
                 for i, m in zip(chunk, moments):
                     blobs[i] = save_tensors({f"{sfx}.{k}": t for sfx, (mean, logvar) in m.items()
                                              for k, t in (("mean", mean), ("logvar", logvar))})
@@ -236,5 +239,6 @@ def _drain(ds: Any, collector: Collector, delivered: dict[int, set[str]], finish
             if record["status"] == "item-done":
                 finished.add(record["item"])
                 continue
+            collector.counts["oom_halvings"] += record.pop("oom_halvings", 0)  # this record's batch halved on OOM
             collector.take(record, _moments(blob) if record["status"] == "new" else None)
             delivered[record["item"]].add(record["path"])
