@@ -4,6 +4,10 @@
 forward passes on shapes alone; any computation that mixes a tensor on the CPU with one on ``cuda`` raises
 ``FakeTensorDeviceMismatchError``, exactly where a real single GPU would raise. Backward does not run
 under it, so the training objective is audited up to the loss (and the adaptive weight's inputs).
+
+Models and inputs are built under ``torch.device("cuda")`` (``on_gpu``: a fake model cannot be moved with
+``Module.to``), but the calls under audit run with the CPU as default device, as in real use: a tensor our
+code makes without ``device=`` lands on the CPU and the mix raises.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ GIB = 1 << 30
 
 @contextlib.contextmanager
 def fake_cuda(monkeypatch, free: int = 8 * GIB):
-    """A fake CUDA device with ``free`` bytes (torch.cuda.mem_get_info would ask a real driver)."""
+    """A fake CUDA device with ``free`` bytes (torch.cuda.mem_get_info would ask a real driver); the default
+    device stays the CPU (build models and inputs inside ``on_gpu()``)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+    with FakeTensorMode(allow_non_fake_inputs=True):
         yield
+
+
+def on_gpu() -> contextlib.AbstractContextManager:
+    """Build on the fake GPU: parameters and inputs made inside land on ``cuda``."""
+    return torch.device("cuda")
 
 
 def _buffers_to_cuda(module: torch.nn.Module) -> torch.nn.Module:
@@ -51,16 +61,18 @@ def _on_cuda(*tensors: torch.Tensor) -> bool:
 
 def test_the_audit_catches_a_cpu_tensor_in_a_cuda_computation(monkeypatch):
     with fake_cuda(monkeypatch):
-        cuda = torch.ones(3)
+        with on_gpu():
+            cuda = torch.ones(3)
         with pytest.raises(FakeTensorDeviceMismatchError):
-            cuda + torch.ones(3, device="cpu")
+            cuda + torch.ones(3)  # made with the default device, the CPU, as code without device= would
 
 
 def test_the_audit_catches_the_old_posterior_noise(monkeypatch):
     """Before: train._noise drew on the CPU and AutoencoderStep only changed its dtype (``noise.to(mean.dtype)``)."""
     with fake_cuda(monkeypatch):
-        vae = ka.create(MICRO)
-        mean, logvar = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean, torch.zeros(1, 4, 8, 8)
+        with on_gpu():
+            vae = ka.create(MICRO)
+            mean, logvar = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean, torch.zeros(1, 4, 8, 8)
         noise = torch.randn(1, 4, 8, 8, device="cpu")  # what the old _noise returned
         with pytest.raises(FakeTensorDeviceMismatchError):
             mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
@@ -70,10 +82,11 @@ def test_the_audit_catches_the_old_posterior_noise(monkeypatch):
 def test_training_forward_on_cuda(monkeypatch):
     """AutoencoderStep with posterior sampling, LPIPS, the discriminator and the adaptive weight's inputs."""
     with fake_cuda(monkeypatch):
-        cfg = LossConfig(perceptual="lpips-vgg", lpips_weights="random", disc_start=0, disc_norm="group")
-        objective = _buffers_to_cuda(AutoencoderObjective(cfg))
-        vae = ka.create(MICRO).train()
-        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        with on_gpu():
+            cfg = LossConfig(perceptual="lpips-vgg", lpips_weights="random", disc_start=0, disc_norm="group")
+            objective = _buffers_to_cuda(AutoencoderObjective(cfg))
+            vae = ka.create(MICRO).train()
+            x = torch.rand(2, 3, 64, 64) * 2 - 1
         noise = posterior_noise((2, 4, 8, 8), seed=0, step=3, rank=0, micro=0, device="cuda")
         xrec, mean, logvar = AutoencoderStep(vae)(x, noise)
         out = objective.generator_loss(x, xrec, mean, logvar, step=1, last_layer=None)  # no autograd.grad here
@@ -86,8 +99,9 @@ def test_training_forward_on_cuda(monkeypatch):
 def test_encode_decode_every_tiling_mode_on_cuda(monkeypatch, tiling):
     # "auto" with a tight budget: the plan is exact tiles (estimate_tiled_bytes fits, untiled does not)
     with fake_cuda(monkeypatch):
-        vae = ka.create(MICRO)
-        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        with on_gpu():
+            vae = ka.create(MICRO)
+            x = torch.rand(2, 3, 64, 64) * 2 - 1
         if tiling == "auto":
             tight = memory_plan.estimate_tiled_bytes(vae, (2, 3, 64, 64), "encode")
             monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(tight / memory_plan.CUDA_MEMORY_FRACTION) + 1, 0))
@@ -101,7 +115,8 @@ def test_encode_decode_every_tiling_mode_on_cuda(monkeypatch, tiling):
 
 def test_memory_plan_follows_the_cuda_budget(monkeypatch):
     with fake_cuda(monkeypatch):
-        vae = ka.create(MICRO)
+        with on_gpu():
+            vae = ka.create(MICRO)
         shape = (4, 3, 512, 512)
         need = memory_plan.estimate_untiled_bytes(vae, shape, "encode")
         plans = {}
@@ -139,8 +154,9 @@ def test_dtypes_and_force_upcast():
 
 def test_score_and_interpolate_on_cuda(monkeypatch):
     with fake_cuda(monkeypatch):
-        vae = ka.create(MICRO)
-        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        with on_gpu():
+            vae = ka.create(MICRO)
+            x = torch.rand(2, 3, 64, 64) * 2 - 1
         e = ka.elbo_bits_per_dim(vae, x, samples=1)
         e0 = ka.elbo_bits_per_dim(vae, x, samples=0)
         strip = ka.interpolate(vae, x[:1], x[1:], 3)
@@ -163,8 +179,10 @@ def test_latent_dataset_sampling_and_transfer_to_cuda(monkeypatch, tmp_path: Pat
     ds = LatentDataset(tmp_path / "cache", sample=True, seed=1)
     batch = LatentDataset.collate([ds[0], ds[1]])  # (2, 4, 8, 8) on the CPU
     with fake_cuda(monkeypatch):
-        on_gpu = to_device(batch, "cuda")
-        vae = ka.create(MICRO)
-        assert _on_cuda(on_gpu["latents"], ka.decode(vae, on_gpu["latents"]))
-        monkeypatch.setattr(ds, "moments", lambda i, flip=False: (torch.zeros(4, 8, 8), torch.zeros(4, 8, 8)))  # cuda by default here
+        moved = to_device(batch, "cuda")
+        with on_gpu():
+            vae = ka.create(MICRO)
+            gpu_moments = (torch.zeros(4, 8, 8), torch.zeros(4, 8, 8))
+        assert _on_cuda(moved["latents"], ka.decode(vae, moved["latents"]))
+        monkeypatch.setattr(ds, "moments", lambda i, flip=False: gpu_moments)  # moments that live on the GPU
         assert _on_cuda(ds[0]["latents"])
