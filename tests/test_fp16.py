@@ -90,3 +90,49 @@ def test_cli_sets_force_upcast_only_when_unsafe(tmp_path, capsys):
     assert cli.main(["check-fp16", str(good), "--size", "32"]) == 0
     assert json.loads((good / "config.json").read_text())["force_upcast"] is False
     assert ka.load(bad).config.force_upcast is True  # diffusers reads it back
+
+
+def test_force_upcast_shared_by_concurrent_calls():
+    """Two threads decode with one fp16 force_upcast model; the first call out must not cast the weights back to
+    fp16 under the second, still running (forced here: the first finishes while the second waits mid-forward)."""
+    import threading
+
+    vae = ka.create(MICRO).half()
+    vae.register_to_config(force_upcast=True)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ka.decode(copy.deepcopy(vae).float(), z)
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def gate(module, args):
+        if threading.current_thread().name == "A":
+            a_inside.set()
+            assert b_inside.wait(30)
+        elif threading.current_thread().name == "B":
+            b_inside.set()
+            assert a_done.wait(30)  # A returns (and leaves the upcast) while B is inside its forward
+
+    hook = vae.decoder.conv_in.register_forward_pre_hook(gate)
+    out, errors = {}, []
+
+    def run(name):
+        try:
+            out[name] = ka.decode(vae, z)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+        finally:
+            if name == "A":
+                a_done.set()
+
+    a = threading.Thread(target=run, args=("A",), name="A")
+    b = threading.Thread(target=run, args=("B",), name="B")
+    a.start()
+    assert a_inside.wait(30)
+    b.start()
+    a.join(60)
+    b.join(60)
+    hook.remove()
+    assert not errors, errors
+    for name in "AB":
+        torch.testing.assert_close(out[name], ref, atol=1e-5, rtol=0)
+    assert next(vae.parameters()).dtype == torch.float16 and not vae.__dict__["_kl_upcast_calls"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -63,6 +64,9 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator:
     return generator
 
 
+_upcast_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def upcast_if_asked(vae: nn.Module) -> Iterator[None]:
     """Run an fp16 VAE whose config says ``force_upcast`` in fp32 inside the block, as diffusers does.
@@ -71,16 +75,29 @@ def upcast_if_asked(vae: nn.Module) -> Iterator[None]:
     self.vae.config.force_upcast`` then ``self.upcast_vae()`` (the VAE cast to fp32 in place) and back to fp16
     after decoding; ``prepare_latents`` of the img2img pipeline does the same around ``encode``. bf16 is never
     upcast (its range is fp32's). fp16 -> fp32 -> fp16 is exact, so the weights come back unchanged.
+    Calls from several threads on one model share the upcast: the first casts up, the last one out casts back
+    (a count on the model), so no call has its weights cast back to fp16 under it.
     """
-    if _param(vae).dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+    with _upcast_lock:
+        inside = vae.__dict__.get("_kl_upcast_calls", 0)
+        if not inside and (_param(vae).dtype != torch.float16 or not getattr(vae.config, "force_upcast", False)):
+            active = False
+        else:
+            active = True
+            if not inside:
+                log.debug("fp16 VAE with force_upcast: running it in fp32")
+                vae.to(torch.float32)
+            vae.__dict__["_kl_upcast_calls"] = inside + 1
+    if not active:
         yield
         return
-    log.debug("fp16 VAE with force_upcast: running it in fp32")
-    vae.to(torch.float32)
     try:
         yield
     finally:
-        vae.to(torch.float16)
+        with _upcast_lock:
+            vae.__dict__["_kl_upcast_calls"] -= 1
+            if not vae.__dict__["_kl_upcast_calls"]:
+                vae.to(torch.float16)
 
 
 def _warn_approx(tiling: str, shape: torch.Size) -> None:
