@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", default="tiny-kl-f8", help="preset or model folder")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="the command's --dtype; the bare figure runs diffusers eager in the same dtype")
+                    help="the command's --dtype; the bare figure runs the same model (our CPU path) in that dtype")
     ap.add_argument("--no-ray", action="store_true", help="skip the --engine ray runs")
     ap.add_argument("--ray-actors", type=int, default=None, help="encoder actors (default: the engine's plan)")
     args = ap.parse_args()
@@ -76,7 +76,7 @@ def main() -> int:
         t = Transform.fixed(args.resolution)
         x = torch.stack([pil_to_tensor(t(load_image(f))[0]) for f in find_images(data)])  # (N, 3, R, R) in [-1, 1]
         if args.dtype == "bf16":
-            vae, x = vae.to(torch.bfloat16), x.to(torch.bfloat16)  # diffusers eager bf16, as on a GPU
+            vae, x = vae.to(torch.bfloat16), x.to(torch.bfloat16)  # resolve_model's model, so our bf16 CPU path
         batches = list(x.split(args.batch_size))
         print(f"{what}, {args.resolution}x{args.resolution}, batch {args.batch_size}, {args.model} {args.dtype}, "
               f"{torch.get_num_threads()} torch threads, {args.num_workers} loader worker(s)")

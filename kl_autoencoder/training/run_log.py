@@ -5,7 +5,6 @@ Only the main process writes; other processes get a RunLog that counts but write
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -69,20 +68,11 @@ class RunLog:
         return {"images_seen": self.images_seen, "skipped_nonfinite": self.skipped_nonfinite, "wall_time_s": self.wall_s,
                 "bad_files": dict(self.bad_files), "upscaled": sorted(self.upscaled), "last": dict(self.last)}
 
-    def restore(self, s: dict[str, Any], step: int) -> None:
+    def restore(self, s: dict[str, Any]) -> None:
         self.images_seen, self.skipped_nonfinite = int(s["images_seen"]), int(s["skipped_nonfinite"])
         self.bad_files, self.upscaled = dict(s["bad_files"]), set(s["upscaled"])
         self.wall_before = self.wall_s = float(s.get("wall_time_s", 0.0))
-        # the last logged losses, so a finished run run again (e.g. to re-export) still reports them; checkpoints
-        # from before this key: status.json's, when it was written at the same step
-        self.last = dict(s["last"]) if "last" in s else self._status_losses(step)
-
-    def _status_losses(self, step: int) -> dict[str, float]:
-        try:
-            old = json.loads((self.dir / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return dict(old.get("losses") or {}) if old.get("step") == step else {}
+        self.last = dict(s.get("last", {}))  # so a finished run run again (e.g. to re-export) still reports them
 
     def status(self) -> dict[str, Any]:
         return {"step": self._step, "images_seen": self.images_seen, "wall_time_s": round(self.wall_s, 1),

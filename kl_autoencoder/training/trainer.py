@@ -98,7 +98,7 @@ def _resume(parts: _Parts, output: str | Path, run: RunLog) -> int:
     if parts.ema is not None:
         parts.ema.load_state_dict(ck["ema"])
     torch.set_rng_state(ck["rng_cpu"])
-    run.restore(ck["run"], int(ck["step"]))
+    run.restore(ck["run"])
     log.info("resumed from %s at step %d", path, int(ck["step"]))
     return int(ck["step"])
 
