@@ -78,7 +78,9 @@ typedef float v16 __attribute__((vector_size(64), aligned(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16v __attribute__((vector_size(64), aligned(64)));
 #define VL 16
-static inline v16 vset1(float s) { return (v16){} + s; }
+/* a broadcast; not (v16){} + s: without -ffast-math GCC must keep that addition (0 + -0 is +0), one more
+   vector op per broadcast: 25% of the Winograd micro-kernel's throughput (docs/benchmarks.md) */
+static inline v16 vset1(float s) { return (v16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 static inline v16 vload(const float* p) { return *(const v16u*)p; }
 static inline void vstore(float* p, v16 v) { *(v16u*)p = v; }
 static inline v16 vsel(i16v mask, v16 a, v16 b) { return (v16)(((i16v)a & mask) | ((i16v)b & ~mask)); }
@@ -96,7 +98,28 @@ static inline v16 vexp(v16 x) {
   p = p * x * x + x + 1.0f;
   return p * (v16)((n + 127) << 23);                 /* 2^n from its float bits */
 }
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* The same SiLU in fewer vector ops (measured 2.7 ulp at most over -100..100, torch's own float32 SiLU 2.2):
+   n = round(x log2 e) by vrndscaleps, Cody-Waite reduction and the same polynomial, 2^n by vscalefps (no float
+   bit tricks, no clamps: -x is capped at 88 so 1 + e stays finite), and x / (1 + e) as x * r with r from
+   vrcp14ps (relative error < 2^-14) and one Newton step (~2^-28): a 512-bit vdivps alone costs ~16 cycles. */
+static inline v16 vsilu(v16 v) {
+  __m512 x = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), (__m512)v), _mm512_set1_ps(88.0f));  /* -v */
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500E-4f), _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f)), q = _mm512_rcp14_ps(d);  /* 1 + exp(-v) */
+  q = _mm512_fmadd_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(1.0f)), q);
+  return (v16)_mm512_mul_ps((__m512)v, q);
+}
+#else
 static inline v16 vsilu(v16 x) { return x / (1.0f + vexp(-x)); }
+#endif
 /* per-thread scratch, kept across calls and grown on demand: multi-MB buffers allocated per call would be
    page-faulted in at every call (~1.5 us per 4 KiB page on the VM measured, docs/benchmarks.md) */
 static __thread char* scratch_buf;

@@ -117,15 +117,26 @@ def _fast_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return nn.Conv2d.forward(self, x)
 
 
-def _norm_silu_conv(norm: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(silu(norm(x)))``: fp32 with GroupNorm + SiLU inside the Winograd input staging where it
-    applies, else the two-pass GroupNorm + SiLU kernel, else eager norm and SiLU; the conv is patched."""
+def _norm_silu_conv(norm: nn.Module, conv: nn.Conv2d, x: torch.Tensor, add_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(silu(norm(x)))`` (+ ``add_bias`` (C_out,) per channel): fp32 with GroupNorm + SiLU inside the
+    Winograd input staging where it applies (``add_bias`` then joins the conv's bias), else the two-pass
+    GroupNorm + SiLU kernel, else eager norm and SiLU; the conv is patched."""
     if groupnorm.supported(norm, x):
         if x.dtype == torch.float32 and eligible(conv) and _fp32_ok(x, conv.weight) and use_winograd(conv):
             scale, shift = groupnorm.norm_scale_shift(norm, x)  # (B, C) each
-            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True)
-        return conv(groupnorm.group_norm_silu(norm, x))
-    return conv(F.silu(norm(x), inplace=True))  # norm returns a new tensor
+            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True, add_bias=add_bias)
+        y = conv(groupnorm.group_norm_silu(norm, x))
+    else:
+        y = conv(F.silu(norm(x), inplace=True))  # norm returns a new tensor
+    return y if add_bias is None else y.add_(add_bias.detach()[:, None, None])
+
+
+def _pointwise_shortcut(conv: nn.Module | None, x: torch.Tensor) -> bool:
+    """A ResnetBlock2D's 1x1 ``conv_shortcut`` that runs as one matrix product per image on fp32 NCHW input."""
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+        and conv.dilation == (1, 1) and conv.groups == 1 and _fp32_ok(x, conv.weight)
+    )
 
 
 def _fusable(block: nn.Module) -> bool:
@@ -154,8 +165,20 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
         # conv1's output is ours alone: normalised in place (no second map of that size written)
         h = bf16.conv2d(self.conv2, groupnorm.group_norm_silu(self.norm2, h, inplace=True), add=shortcut)  # (B, C, H, W)
         return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
+    sc = self.conv_shortcut
+    if _pointwise_shortcut(sc, x):
+        # the 1x1 shortcut is a (C_out, C_in) @ (C_in, H*W) product on NCHW memory: accumulated by BLAS straight
+        # into conv2's output (beta = 1), its bias joined to conv2's: no shortcut map, no separate add pass
+        h = _norm_silu_conv(self.norm2, self.conv2, h, add_bias=sc.bias)  # (B, C_out, H, W)
+        if h.is_contiguous():
+            x, w = x.contiguous(), sc.weight.detach().view(sc.out_channels, sc.in_channels)
+            for k in range(x.shape[0]):
+                h[k].view(sc.out_channels, -1).addmm_(w, x[k].view(sc.in_channels, -1))
+        else:  # pragma: no cover - conv2 ran eagerly into another layout
+            h = h.add_(F.conv2d(x, sc.weight, None))
+        return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
     h = _norm_silu_conv(self.norm2, self.conv2, h)
-    shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+    shortcut = sc(x) if sc is not None else x
     h = h.add_(shortcut)  # == input + hidden (IEEE addition commutes)
     return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
 

@@ -81,7 +81,7 @@ static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M
   for (int r = 0; r < 6; r++) for (int j = 0; j < {nw}; j++) c[r][j] = vset1(0.f);
   for (long k = 0; k < K; k++) {{
     v16 u[{nw}];
-    __builtin_prefetch(U + k * {w} + PREFETCH, 0, 3);  /* the weights stream from L3: fetch ahead */
+    for (int q = 0; q < {nw}; q++) __builtin_prefetch(U + k * {w} + PREFETCH + 16 * q, 0, 3);  /* each line of the weights: they stream from L3 */
     for (int j = 0; j < {nw}; j++) u[j] = *(const v16*)(U + k * {w} + 16 * j);
     for (int r = 0; r < 6; r++) {{
       v16 v = vset1(V[r * ldv + k]);
@@ -295,11 +295,13 @@ def winograd_conv2d(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     silu: bool = False,
+    add_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``conv(pre(x))`` for a 3x3, stride-1, padding-1 conv by Winograd F(m x m, 3 x 3); (B, C_out, H, W) NCHW.
 
     ``pre``: per channel ``x * scale + shift`` (``scale``/``shift`` (B, C_in) float32, or None), then
     SiLU if ``silu``, then nearest 2x upsampling if ``up``; all applied while staging the input.
+    ``add_bias`` (C_out,): added to the conv's bias (a following per-channel addition, at no cost).
     NCHW in and out, like eager: the rest of the model stays in the layout it runs fastest in.
     """
     lib = winograd_library()
@@ -310,6 +312,8 @@ def winograd_conv2d(
     x = x.contiguous()  # (B, C_in, h, w)
     y = torch.empty(b, co, hh, ww, dtype=torch.float32)  # (B, C_out, H, W)
     bias = conv.bias.detach().contiguous() if conv.bias is not None else None
+    if add_bias is not None:
+        bias = (add_bias.detach().float() + (bias if bias is not None else 0)).contiguous()  # (C_out,)
     if scale is not None:
         scale, shift = scale.float().contiguous(), shift.float().contiguous()  # (B, C_in) each
     fn = getattr(lib, f"wino{m}_conv")
