@@ -76,12 +76,15 @@ _MICRO_KERNEL = """
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
-static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M, long ldm, long K) {{
+static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M, long ldm, long K,
+                               const float* P, long np) {{
   v16 c[6][{nw}];
+  long per = (np / 16 + K - 1) / K;  /* lines of P to fetch into L2 per step */
   for (int r = 0; r < 6; r++) for (int j = 0; j < {nw}; j++) c[r][j] = vset1(0.f);
   for (long k = 0; k < K; k++) {{
     v16 u[{nw}];
     for (int q = 0; q < {nw}; q++) __builtin_prefetch(U + k * {w} + PREFETCH + 16 * q, 0, 3);  /* each line of the weights: they stream from L3 */
+    for (long q = 0; q < per; q++) if ((k * per + q) * 16 < np) __builtin_prefetch(P + (k * per + q) * 16, 0, 2);
     for (int j = 0; j < {nw}; j++) u[j] = *(const v16*)(U + k * {w} + 16 * j);
     for (int r = 0; r < 6; r++) {{
       v16 v = vset1(V[r * ldv + k]);
@@ -92,9 +95,28 @@ static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M
 }}"""
 
 
-# Moving 16 channels between NCHW rows and the kernel's (column, 16 channels) staging. (16 x 16 register
-# transposes with AVX-512 shuffles measured no faster than these loops: docs/benchmarks.md.)
+# Moving 16 channels between NCHW rows and the kernel's (column, 16 channels) staging. In: with AVX-512, 16 columns
+# at a time by 16 line loads and a 16 x 16 register transpose (unpack, unpack, two lane shuffles); the one-column
+# loop handles the image edges, the upsampling and other CPUs (256-512 channels: 5-10% per conv on this Xeon; no
+# gain at 128 x 512 x 512, where reading 16 channel planes at once is what costs). Out: element by element.
 _STAGING = r"""
+#ifdef __AVX512F__
+static inline void tr16(__m512 r[16]) {  /* r[i][j] -> r[j][i] */
+  __m512 t[16];
+  for (int i = 0; i < 8; i++) { t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]); t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]); }
+  for (int i = 0; i < 4; i++) {
+    __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c)); r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d)); r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; i++) for (int j = 0; j < 4; j++) {
+    t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+    t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+  }
+  for (int j = 0; j < 8; j++) { r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88); r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd); }
+}
+#endif
 static inline v16 pre(v16 v, const float* scale, v16 a, v16 b, int silu) {
   if (scale) v = v * a + b;
   return silu ? vsilu(v) : v;
@@ -103,8 +125,20 @@ static inline v16 pre(v16 v, const float* scale, v16 a, v16 b, int silu) {
    row xr of 16 channels (stride HWin), at col >> 1 when up (nearest 2x), then the prologue */
 static void stage_row(const float* xr, long HWin, long W, long q0, long ncols, int up, float* srow,
                       const float* scale, v16 a, v16 b, int silu) {
-  for (long q = 0; q < ncols; q++) {
+  for (long q = 0; q < ncols;) {
     long col = q0 + q;
+#ifdef __AVX512F__
+    /* a run of 16 columns starting on a cache line (one line per channel, loaded once; a run across two lines
+       was slower than the loop below), else one column */
+    if (!up && col >= 0 && col + 16 <= W && q + 16 <= ncols && ((uintptr_t)(xr + col) & 63) == 0) {
+      __m512 r[16];
+      for (int c = 0; c < 16; c++) r[c] = _mm512_loadu_ps(xr + c * HWin + col);
+      tr16(r);
+      for (int k = 0; k < 16; k++) *(v16*)(srow + (q + k) * 16) = pre((v16)r[k], scale, a, b, silu);
+      q += 16;
+      continue;
+    }
+#endif
     v16 v = vset1(0.f);
     if (col >= 0 && col < W) {
       const float* p = xr + (up ? col >> 1 : col);
@@ -112,9 +146,11 @@ static void stage_row(const float* xr, long HWin, long W, long q0, long ncols, i
       v = pre(v, scale, a, b, silu);
     }
     *(v16*)(srow + q * 16) = v;
+    q++;
   }
 }
-/* ncol staged outputs sr (column, 16 channels) -> 16 NCHW rows yr (stride HW) */
+/* ncol staged outputs sr (column, 16 channels) -> 16 NCHW rows yr (stride HW); element by element: the same
+   16 x 16 transposes here, storing whole lines to the 16 rows, were slower at 512 x 512 (111 vs 103 ms) */
 static void write_row(const float* sr, float* yr, long HW, long ncol) {
   for (int c = 0; c < 16; c++)
     for (long j = 0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c];
@@ -182,11 +218,19 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
         for (long n0 = o0; n0 < o1; n0 += 64) {{
           long w = Co - n0 < 64 ? Co - n0 : 64;
           const float* Ub = Uf + n0 * Ci;
+          /* the next weight block (this frequency's next 64 channels, or the next frequency's first), fetched
+             into L2 a slice per micro-kernel call: its first pass then does not wait on L3 */
+          const float* Un = n0 + 64 < o1 ? Ub + 64 * Ci : (f + 1 < tt ? U + (f + 1) * Ci * Co + o0 * Ci : 0);
+          long wn = n0 + 64 < o1 ? (o1 - n0 - 64 < 64 ? o1 - n0 - 64 : 64) : (o1 - o0 < 64 ? o1 - o0 : 64);
+          long un = Un ? wn * Ci : 0, ng = (nt_ + 5) / 6, chunk = (un / ng + 15) / 16 * 16;
           for (long j = 0; j < nt_; j += 6) {{
-            if (w == 64) gemm6x4(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
-            else if (w == 48) gemm6x3(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
-            else if (w == 32) gemm6x2(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
-            else gemm6x1(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci);
+            long g0 = j / 6 * chunk, np = un - g0 < chunk ? un - g0 : chunk;
+            const float* P = Un ? Un + g0 : 0;
+            if (np < 0) np = 0;
+            if (w == 64) gemm6x4(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci, P, np);
+            else if (w == 48) gemm6x3(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci, P, np);
+            else if (w == 32) gemm6x2(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci, P, np);
+            else gemm6x1(Vf + j * Ci, Ci, Ub, Mf + j * Co + n0, Co, Ci, P, np);
           }}
         }}
       }}
