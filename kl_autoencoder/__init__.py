@@ -18,15 +18,6 @@ Nothing below ``cli/`` imports argparse or ``cli``. ``import kl_autoencoder as k
 
 __version__ = "0.1.0"
 
-import os as _os
-
-# Transparent huge pages for torch's large CPU buffers: c10 allocates buffers of >= 2 MB 2 MB-aligned and
-# madvise(MADV_HUGEPAGE)s them when THP_MEM_ALLOC_ENABLE is set (pytorch/pytorch#115990), a value it reads once, at
-# its first allocation. Set before our imports allocate anything, unless the user chose (THP_MEM_ALLOC_ENABLE=0 keeps
-# 4 KiB pages); no effect in a process that allocated a tensor before importing us. Fewer TLB misses and page faults
-# on the 67-268 MB activations: SD encode / decode at 512 px 3-7% faster here, fp32 and bf16 (docs/benchmarks.md).
-_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 from .config import Config, ConfigError, list_presets, load_config
 from .convert import export, load, load_file, save_ldm
 from .errors import InputError, KLAutoencoderError

@@ -5,11 +5,10 @@
 | fast CPU convolutions | ``KL_AUTOENCODER_FASTCONV=0`` | Winograd convs of ``inference/fastconv.py`` (patched modules run eager) |
 | allocator reuse | ``KL_AUTOENCODER_MALLOC=0`` | glibc malloc tuning of ``inference/malloc.py`` during CPU calls |
 | (its cache) | ``KL_AUTOENCODER_MALLOC=call`` | keeping freed memory between calls: returned to the OS after each call |
-| huge pages (torch's own switch) | ``THP_MEM_ALLOC_ENABLE=0`` | 2 MB pages for torch's >= 2 MB CPU buffers (``import kl_autoencoder`` sets it to 1 unless set) |
 
 Read with ``fastconv_enabled()`` / ``malloc_enabled()``; change for the whole process with
 ``set_fastconv(False)``, or for a block of code in this thread with ``with use_fastconv(False): ...``.
-Nothing here changes process state at import (the package's ``__init__`` sets ``THP_MEM_ALLOC_ENABLE``'s default).
+Nothing here changes process state at import.
 """
 
 from __future__ import annotations

@@ -47,9 +47,8 @@ PAGES_64 = 64 * 2**20 // 4096
 
 
 def run_script(**env: str) -> dict:
-    # 4 KiB pages (torch's huge pages off, which importing kl_autoencoder turns on): the counts are of glibc's reuse
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
-                         env={**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env})
+                         env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -143,7 +142,7 @@ print(json.dumps(r))
 @pytest.mark.parametrize("mode", ["keep", "call"])
 def test_freed_memory_stays_between_calls_until_empty_cache(mode):
     """Issue 20: the next call finds its memory already mapped (default); empty_cache() / MALLOC=call hand it back."""
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", settings.MALLOC_ENV: "1" if mode == "keep" else "call"}  # 4 KiB pages
+    env = {**os.environ, settings.MALLOC_ENV: "1" if mode == "keep" else "call"}
     out = subprocess.run([sys.executable, "-c", KEEP_SCRIPT], capture_output=True, text=True, check=True, env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     if mode == "keep":
@@ -153,33 +152,3 @@ def test_freed_memory_stays_between_calls_until_empty_cache(mode):
         assert not r["kept"] and r["between_calls"] > PAGES_64 // 2 and r["kept_bytes"] == 0
     assert not r["kept_after_release"] and r["after_release"] > PAGES_64 // 2
     assert ka.empty_cache is malloc.release
-
-
-# In a child: allocate 16 MB with torch, print the switch and the kernel's flags of the mapping holding it
-# (/proc/self/smaps "VmFlags": "hg" = madvise(MADV_HUGEPAGE) was called on it).
-_HUGE_PAGE_PROBE = """
-import os, kl_autoencoder, torch
-t = torch.ones(4 << 20)
-p, inside, flags = t.data_ptr(), False, []
-for line in open("/proc/self/smaps"):
-    head = line.split()[0]
-    if "-" in head and all(c in "0123456789abcdef-" for c in head):
-        lo, hi = (int(v, 16) for v in head.split("-"))
-        inside = lo <= p < hi
-    elif inside and line.startswith("VmFlags:"):
-        flags = line.split()[1:]
-print(os.environ["THP_MEM_ALLOC_ENABLE"], "hg" in flags)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch allocates huge pages on Linux only")
-@pytest.mark.parametrize("preset", [None, "0"])
-def test_import_turns_on_torch_huge_pages_unless_the_user_chose(preset):
-    """A fresh process that imports kl_autoencoder before any tensor: torch's own allocator then advises huge pages
-    for a 16 MB buffer (c10's THP_MEM_ALLOC_ENABLE path; the kernel records it on the mapping); a user's
-    THP_MEM_ALLOC_ENABLE=0 is kept, and the buffer is not advised."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == (["1", "True"] if preset is None else ["0", "False"]), out.stdout

@@ -31,23 +31,12 @@ import threading
 import time
 from pathlib import Path
 
-# torch's huge-page switch as the user left it, before `import kl_autoencoder` sets its default: the plain roles
-# start with it (what a diffusers user gets), ours with the package's (tools/bench_peers.py does the same)
-USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
+import torch
 
-import torch  # noqa: E402
-
-import kl_autoencoder as ka  # noqa: E402
+import kl_autoencoder as ka
 from kl_autoencoder.inference import fastconv
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _set_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def _rss() -> int:
@@ -113,14 +102,11 @@ def bench_inference(size: int, repeats: int) -> dict[str, float]:
     print("  roles: " + "; ".join(f"{k} = {v}" for k, v in ROLES.items()), flush=True)
     ctx = mp.get_context("spawn")
     workers = {}
-    ours_thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
     for role in ROLES:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(child, role, x, z), daemon=True)
-        _set_env("THP_MEM_ALLOC_ENABLE", ours_thp if role == "ours" else USER_THP)  # inherited by the child
         proc.start()
         workers[role] = (parent, proc)
-    _set_env("THP_MEM_ALLOC_ENABLE", ours_thp)
 
     def call(role: str, op: str) -> tuple[float, float, torch.Tensor]:
         workers[role][0].send(op)

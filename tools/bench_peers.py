@@ -23,9 +23,7 @@ All run the SD preset with random but fixed weights (seed 0; speed does not depe
 same input: an image in [-1, 1] for encode, and for decode the plain encoder's latent of it. Every
 contender gets ``--threads`` intra-op threads. After one untimed warm-up call each (compilation,
 weight packing), the best of ``--repeats`` wall times is reported with that call's CPU seconds
-(the contender process's user + system time). Each contender starts with the environment its users
-get: ours with the huge pages ``import kl_autoencoder`` turns on (``THP_MEM_ALLOC_ENABLE``), the peers
-with this shell's setting. Quietness: for every call, the CPU seconds used by
+(the contender process's user + system time). Quietness: for every call, the CPU seconds used by
 other processes (busy time in /proc/stat minus this process's and the contender's own), so a
 figure measured on a loaded machine can be recognised. Errors: max abs difference to plain's output
 of the same call, and for decode the PSNR (8-bit, ``evaluation.metrics.psnr``) against plain's image.
@@ -47,12 +45,7 @@ import sys
 import tempfile
 import time
 
-# The user's own setting of torch's huge-page switch, before `import kl_autoencoder` sets its default in this process:
-# every contender starts with the environment its users get (ours: what importing kl_autoencoder sets).
-THP_ENV = "THP_MEM_ALLOC_ENABLE"
-USER_THP = os.environ.get(THP_ENV)
-
-import torch  # noqa: E402
+import torch
 
 CONTENDERS = {
     "plain": ("diffusers eager fp32", None),
@@ -183,13 +176,6 @@ def _available(name: str) -> str | None:
     return None
 
 
-def _set_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
 def bench_size(size: int, names: list[str], repeats: int, threads: int) -> dict:
     import multiprocessing as mp
 
@@ -202,15 +188,11 @@ def bench_size(size: int, names: list[str], repeats: int, threads: int) -> dict:
         z = ka.create("sd-kl-f8", seed=0).encode(x).latent_dist.mean  # (1, 4, S/8, S/8) raw latent
     ctx = mp.get_context("spawn")
     procs = {}
-    ours_thp = os.environ.get(THP_ENV)  # as `import kl_autoencoder` (above) left it
     for name in names:
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_worker, args=(child, name, x, z, threads), daemon=True)
-        thp = ours_thp if name.startswith("ours") else USER_THP  # read by the child's torch at its first allocation
-        _set_env(THP_ENV, thp)
         p.start()
         procs[name] = (parent, p)
-    _set_env(THP_ENV, ours_thp)
     live = []
     for name in names:  # setups ran in parallel; wait for each
         msg = procs[name][0].recv()
