@@ -97,7 +97,7 @@ static inline void gemm6x{nw}(const float* V, long ldv, const float* U, float* M
 
 # Moving 16 channels between NCHW rows and the kernel's (column, 16 channels) staging. In: with AVX-512, 16 columns
 # at a time by 16 line loads and a 16 x 16 register transpose (unpack, unpack, two lane shuffles); the one-column
-# loop handles the image edges, the upsampling and other CPUs (256-512 channels: 5-10% per conv on this Xeon; no
+# loop handles the image edges, odd or unaligned starts and other CPUs (256-512 channels: 5-10% per conv on this Xeon; no
 # gain at 128 x 512 x 512, where reading 16 channel planes at once is what costs). Out: element by element.
 _STAGING = r"""
 #ifdef __AVX512F__
@@ -136,6 +136,19 @@ static void stage_row(const float* xr, long HWin, long W, long q0, long ncols, i
       tr16(r);
       for (int k = 0; k < 16; k++) *(v16*)(srow + (q + k) * 16) = pre((v16)r[k], scale, a, b, silu);
       q += 16;
+      continue;
+    }
+    /* nearest 2x: 16 source columns from an even column on, each staged twice */
+    if (up && col >= 0 && !(col & 1) && col + 32 <= W && q + 32 <= ncols && ((uintptr_t)(xr + (col >> 1)) & 63) == 0) {
+      __m512 r[16];
+      for (int c = 0; c < 16; c++) r[c] = _mm512_loadu_ps(xr + c * HWin + (col >> 1));
+      tr16(r);
+      for (int k = 0; k < 16; k++) {
+        v16 v = pre((v16)r[k], scale, a, b, silu);
+        *(v16*)(srow + (q + 2 * k) * 16) = v;
+        *(v16*)(srow + (q + 2 * k + 1) * 16) = v;
+      }
+      q += 32;
       continue;
     }
 #endif
