@@ -11,7 +11,8 @@ This module decides where each piece runs and patches the model (generic: ``nn.C
 - fp32: 3x3 convs by our fused Winograd F(6,3) (``winograd.py``); NNPACK's Winograd or eager where it
   does not apply. A ResnetBlock2D's GroupNorm + SiLU is applied while staging its conv's input
   (``groupnorm.py``: statistics in one pass, the normalised map never written), SiLU and the residual
-  add in place; an Upsample2D's nearest 2x upsampling is read straight from the low-resolution map.
+  add in place, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into conv2's output; an
+  Upsample2D's nearest 2x upsampling is read straight from the low-resolution map.
 - bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
   channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in place;
   every other GroupNorm, e.g. the attention's, through the same kernels), the residual add fused into conv2,
