@@ -170,13 +170,11 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
     if _pointwise_shortcut(sc, x):
         # the 1x1 shortcut is a (C_out, C_in) @ (C_in, H*W) product on NCHW memory: accumulated by BLAS straight
         # into conv2's output (beta = 1), its bias joined to conv2's: no shortcut map, no separate add pass
-        h = _norm_silu_conv(self.norm2, self.conv2, h, add_bias=sc.bias)  # (B, C_out, H, W)
-        if h.is_contiguous():
-            x, w = x.contiguous(), sc.weight.detach().view(sc.out_channels, sc.in_channels)
-            for k in range(x.shape[0]):
-                h[k].view(sc.out_channels, -1).addmm_(w, x[k].view(sc.in_channels, -1))
-        else:  # pragma: no cover - conv2 ran eagerly into another layout
-            h = h.add_(F.conv2d(x, sc.weight, None))
+        # NCHW as our kernel writes it (an eager conv2 on channels_last input is copied once)
+        h = _norm_silu_conv(self.norm2, self.conv2, h, add_bias=sc.bias).contiguous()  # (B, C_out, H, W)
+        x, w = x.contiguous(), sc.weight.detach().view(sc.out_channels, sc.in_channels)
+        for k in range(x.shape[0]):
+            h[k].view(sc.out_channels, -1).addmm_(w, x[k].view(sc.in_channels, -1))
         return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
     h = _norm_silu_conv(self.norm2, self.conv2, h)
     shortcut = sc(x) if sc is not None else x
