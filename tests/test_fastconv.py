@@ -47,12 +47,12 @@ def test_single_conv_matches_conv2d():
     assert fastconv.is_optimized(conv)
 
 
-@pytest.mark.parametrize("m", [4, 6])
-def test_winograd_matrices_compute_1d_correlation(m):
-    at, g, bt = winograd.winograd_matrices(m)  # (m, t), (t, 3), (t, t)
+@pytest.mark.parametrize("m, r", [(4, 3), (6, 3), (7, 2)])
+def test_winograd_matrices_compute_1d_correlation(m, r):
+    at, g, bt = winograd.winograd_matrices(m, r)  # (m, t), (t, r), (t, t)
     gen = torch.Generator().manual_seed(m)
-    d, w = torch.randn(m + 2, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
-    ref = torch.tensor([sum(float(d[i + k] * w[k]) for k in range(3)) for i in range(m)], dtype=torch.float64)  # by hand
+    d, w = torch.randn(m + r - 1, generator=gen, dtype=torch.float64), torch.randn(r, generator=gen, dtype=torch.float64)
+    ref = torch.tensor([sum(float(d[i + k] * w[k]) for k in range(r)) for i in range(m)], dtype=torch.float64)  # by hand
     torch.testing.assert_close(at @ ((g @ w) * (bt @ d)), ref, atol=1e-12, rtol=1e-12)
 
 
@@ -75,23 +75,51 @@ def test_winograd_conv_matches_conv2d(m, shape):
 
 @needs_gcc
 @pytest.mark.parametrize("block_bytes", [1 << 12, 3 << 19, 1 << 28])  # one-row strips .. the whole image in one block
-@pytest.mark.parametrize("up", [False, True])
-def test_winograd_fused_prologue_and_upsampling(block_bytes, up, monkeypatch):
-    """silu(x * scale + shift), nearest 2x upsampling and the conv in one kernel == the three eager ops."""
+def test_winograd_fused_prologue(block_bytes, monkeypatch):
+    """silu(x * scale + shift) and the conv in one kernel == the eager ops."""
     monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
     gen = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv2d(32, 48, 3, padding=1)
     x = torch.randn(2, 32, 21, 37, generator=gen) * 2 + 0.5
     scale, shift = torch.randn(2, 32, generator=gen), torch.randn(2, 32, generator=gen)  # (B, C) per image
     with torch.no_grad():
-        out = winograd.winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True, up=up)
+        out = winograd.winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True)
         pre = F.silu(x * scale[:, :, None, None] + shift[:, :, None, None])
-        ref = conv._conv_forward(F.interpolate(pre, scale_factor=2.0, mode="nearest") if up else pre, conv.weight, conv.bias)
-        plain = winograd.winograd_conv2d(conv, x, up=up)  # no prologue
-        ref_plain = conv._conv_forward(F.interpolate(x, scale_factor=2.0, mode="nearest") if up else x, conv.weight, conv.bias)
-    assert out.shape == ref.shape == (2, 48, 42 if up else 21, 74 if up else 37)
+        ref = conv._conv_forward(pre, conv.weight, conv.bias)
+        plain = winograd.winograd_conv2d(conv, x)  # no prologue
+        ref_plain = conv._conv_forward(x, conv.weight, conv.bias)
+    assert out.shape == ref.shape == (2, 48, 21, 37)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(plain, ref_plain, atol=1e-4, rtol=1e-4)
+
+
+@needs_gcc
+@pytest.mark.parametrize("shape", [(2, 32, 13, 19), (1, 16, 1, 2), (1, 64, 20, 33), (1, 32, 7, 90)])
+@pytest.mark.parametrize("blocks", ["default", "one-row", "channel-parts"])
+def test_winograd_subpixel_upsample_conv_matches_eager(shape, blocks, monkeypatch):
+    """Nearest 2x + 3x3 conv as four 2x2 sub-pixel convs by F(7,2), each phase written into the 2x map ==
+    diffusers' two eager ops in float64, whatever the work split (tile bands, channel parts)."""
+    if blocks == "one-row":
+        monkeypatch.setattr(winograd, "subpixel_block_shape", lambda *a: (1, 2, 1))
+    elif blocks == "channel-parts":  # parts of 64 of the 4 x C_out outputs: 16 channels x 4 phases each
+        monkeypatch.setattr(winograd, "subpixel_block_shape", lambda h, w, ci, co, nt: (100, 100, co // 64))
+    gen = torch.Generator().manual_seed(5)
+    conv = torch.nn.Conv2d(shape[1], 48 if shape[1] == 32 else 16, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(*shape, generator=gen)
+    with torch.no_grad():
+        out = winograd.winograd_upsample_conv2d(conv, x)
+        up = F.interpolate(x.double(), scale_factor=2.0, mode="nearest")
+        ref = F.conv2d(up, conv.weight.double(), conv.bias.double(), padding=1)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_subpixel_block_shape_splits_rows_before_channels():
+    assert winograd.subpixel_block_shape(129, 129, 512, 2048, 2) == (5, 19, 1)  # 4 bands of 19 x 5 tiles
+    rows, cols, parts = winograd.subpixel_block_shape(65, 65, 512, 2048, 2)  # bands would hold < 64 tiles
+    assert parts > 1 and rows * cols >= 100
 
 
 @needs_gcc
@@ -192,7 +220,7 @@ def test_eligibility():
 
 
 def test_fused_blocks_match_eager_with_eager_convs(small_vae):
-    """ResnetBlock2D (GroupNorm + SiLU in the conv staging, residual in place) and Upsample2D (2x read in the staging)
+    """ResnetBlock2D (GroupNorm + SiLU in the conv staging, residual in place) and Upsample2D (sub-pixel F(7,2))
     patched, the other convs eager: within the 1e-4 the fast path promises."""
     eager = copy.deepcopy(small_vae)
     fast = fastconv.optimize(small_vae)

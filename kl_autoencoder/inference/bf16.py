@@ -29,6 +29,7 @@ import torch.nn as nn
 from . import groupnorm
 from .cbuild import PRELUDE, build, cpu_flags
 from .packed_cache import PackedCache
+from .subpixel import subpixel_weights
 
 CL = torch.channels_last
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -166,23 +167,6 @@ def pad_right_bottom(x: torch.Tensor) -> torch.Tensor:
     y[:, :, h, :] = 0
     y[:, :, :h, w] = 0
     return y
-
-
-def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 kernel on the 2x nearest-upsampled map -> 2x2 kernels on the low-resolution map, one per phase.
-
-    Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. low-resolution rows i - 1, i
-    (a = 0: taps 0 | 1 + 2) or i, i + 1 (a = 1: taps 0 + 1 | 2); columns likewise. Returned as
-    (4 * C_out, C_in, 2, 2), phase 2a + b in block a * 2 + b, summed in float32.
-    """
-    w = weight.detach().float()  # (C_out, C_in, 3, 3)
-    rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
-    phases = []
-    for a in range(2):
-        r = rows[a]  # (C_out, C_in, 2, 3)
-        cols = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3), torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3)]
-        phases += cols  # b = 0, 1
-    return torch.cat(phases, 0)  # (4 * C_out, C_in, 2, 2)
 
 
 def upsample_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

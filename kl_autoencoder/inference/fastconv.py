@@ -12,7 +12,7 @@ This module decides where each piece runs and patches the model (generic: ``nn.C
   does not apply. A ResnetBlock2D's GroupNorm + SiLU is applied while staging its conv's input
   (``groupnorm.py``: statistics in one pass, the normalised map never written), SiLU and the residual
   add in place, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into conv2's output; an
-  Upsample2D's nearest 2x upsampling is read straight from the low-resolution map.
+  Upsample2D as four 2x2 sub-pixel convolutions on the low-resolution map by Winograd F(7,2).
 - bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
   channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in place;
   every other GroupNorm, e.g. the attention's, through the same kernels), the residual add fused into conv2,
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .. import settings
 from . import bf16, groupnorm
 from .cbuild import cpu_flags
-from .winograd import CHANNEL_BLOCK, winograd_conv2d, winograd_library
+from .winograd import CHANNEL_BLOCK, winograd_conv2d, winograd_library, winograd_upsample_conv2d
 
 MIN_CHANNELS = 16  # below this (conv_in 3->128, conv_out 128->3, 4->512) Winograd is not faster
 
@@ -194,12 +194,13 @@ def _upsample_fusable(block: nn.Module) -> bool:
 
 
 def _fast_upsample_forward(self: nn.Module, hidden_states: torch.Tensor, output_size=None, *args, **kwargs):
-    """diffusers Upsample2D.forward without materialising the 2x map: fp32 reads the low-resolution map in
-    the Winograd input staging, bf16 runs four 2x2 sub-pixel convolutions (``bf16.upsample_conv2d``)."""
+    """diffusers Upsample2D.forward without materialising the 2x map: four 2x2 sub-pixel convolutions on the
+    low-resolution map (``subpixel.py``), fp32 by Winograd F(7,2) (``winograd_upsample_conv2d``), bf16
+    through oneDNN (``bf16.upsample_conv2d``)."""
     x = hidden_states
     if output_size is None and not args and not kwargs and active():
         if _fp32_ok(x, self.conv.weight) and use_winograd(self.conv):
-            return winograd_conv2d(self.conv, x, up=True)  # (B, C, 2H, 2W)
+            return winograd_upsample_conv2d(self.conv, x)  # (B, C, 2H, 2W)
         if _bf16_ok(self.conv, x):
             return bf16.upsample_conv2d(self.conv, x)  # (B, C, 2H, 2W) channels_last
     return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
