@@ -94,11 +94,12 @@ def test_winograd_fused_prologue(block_bytes, monkeypatch):
 
 
 @needs_gcc
-@pytest.mark.parametrize("shape", [(2, 32, 13, 19), (1, 16, 1, 2), (1, 64, 20, 33), (1, 32, 7, 90)])
+@pytest.mark.parametrize("shape", [(2, 32, 13, 19), (1, 16, 1, 2), (1, 64, 20, 33), (1, 32, 7, 90), (1, 160, 9, 11)])
 @pytest.mark.parametrize("blocks", ["default", "one-row", "channel-parts"])
 def test_winograd_subpixel_upsample_conv_matches_eager(shape, blocks, monkeypatch):
     """Nearest 2x + 3x3 conv as four 2x2 sub-pixel convs by F(7,2), each phase written into the 2x map ==
-    diffusers' two eager ops in float64, whatever the work split (tile bands, channel parts)."""
+    diffusers' two eager ops in float64, whatever the work split (tile bands, channel parts); 160 input channels:
+    the products summed over a chunk of 128 and one of 32."""
     if blocks == "one-row":
         monkeypatch.setattr(winograd, "subpixel_block_shape", lambda *a: (1, 2, 1))
     elif blocks == "channel-parts":  # parts of 64 of the 4 x C_out outputs: 16 channels x 4 phases each
