@@ -111,10 +111,14 @@ def test_bf16_packed_weights_follow_changes_and_are_not_state():
     assert not twin.__dict__.get("_bf16_cache")
 
 
-def test_downsample_pad_is_f_pad():
-    x = torch.randn(2, 16, 7, 6, generator=torch.Generator().manual_seed(8)).bfloat16().contiguous(memory_format=torch.channels_last)
-    y = bf16.pad_right_bottom(x)
-    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, F.pad(x, (0, 1, 0, 1)))
+@pytest.mark.parametrize("layout", ["bf16 channels_last", "fp32 nchw"])
+def test_downsample_pad_is_f_pad(layout):
+    x = torch.randn(2, 16, 7, 6, generator=torch.Generator().manual_seed(8))
+    cl = layout.endswith("channels_last")
+    x = x.bfloat16().contiguous(memory_format=torch.channels_last) if cl else x
+    y = fastconv.pad_right_bottom(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert torch.equal(y, F.pad(x, (0, 1, 0, 1)))
 
 
 @needs_bf16

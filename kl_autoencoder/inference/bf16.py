@@ -158,17 +158,6 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) ->
     return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, *args, "add", None, None, [], None)
 
 
-def pad_right_bottom(x: torch.Tensor) -> torch.Tensor:
-    """``F.pad(x, (0, 1, 0, 1))`` (diffusers Downsample2D) as (B, C, H+1, W+1) channels_last: one strided copy
-    and two zeroed edges."""
-    b, c, h, w = x.shape
-    y = torch.empty(b, c, h + 1, w + 1, dtype=x.dtype, memory_format=CL)
-    y[:, :, :h, :w] = x
-    y[:, :, h, :] = 0
-    y[:, :, :h, w] = 0
-    return y
-
-
 def upsample_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, stride-1, padding-1 conv, bf16,
     (B, C_out, 2h, 2w) channels_last, by four 2x2 sub-pixel convolutions run as one."""
