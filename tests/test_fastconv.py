@@ -74,10 +74,14 @@ def test_winograd_conv_matches_conv2d(m, shape):
 
 
 @needs_gcc
-@pytest.mark.parametrize("block_bytes", [1 << 12, 3 << 19, 1 << 28])  # one-row strips .. the whole image in one block
-def test_winograd_fused_prologue(block_bytes, monkeypatch):
-    """silu(x * scale + shift) and the conv in one kernel == the eager ops."""
-    monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
+@pytest.mark.parametrize("blocks", ["strips", "l2", "whole", "bands"])
+def test_winograd_fused_prologue(blocks, monkeypatch):
+    """silu(x * scale + shift) and the conv in one kernel == the eager ops, whatever the blocks: L2-sized ones
+    (one-row strips .. the whole image in one block) where the weights do not fit the last-level cache, row bands
+    where they do."""
+    big_cache = blocks == "bands"
+    monkeypatch.setattr(winograd, "last_level_cache_bytes", lambda: (1 << 40) if big_cache else 0)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", {"strips": 1 << 12, "l2": 3 << 19, "whole": 1 << 28, "bands": 0}[blocks])
     gen = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv2d(32, 48, 3, padding=1)
     x = torch.randn(2, 32, 21, 37, generator=gen) * 2 + 0.5
@@ -117,10 +121,38 @@ def test_winograd_subpixel_upsample_conv_matches_eager(shape, blocks, monkeypatc
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_subpixel_block_shape_splits_rows_before_channels():
+def test_subpixel_block_shape_splits_rows_before_channels(monkeypatch):
+    monkeypatch.setattr(winograd, "last_level_cache_bytes", lambda: 0)
     assert winograd.subpixel_block_shape(129, 129, 512, 2048, 2) == (5, 19, 1)  # 4 bands of 19 x 5 tiles
     rows, cols, parts = winograd.subpixel_block_shape(65, 65, 512, 2048, 2)  # bands would hold < 64 tiles
     assert parts > 1 and rows * cols >= 100
+
+
+@pytest.mark.parametrize("ci, co, size", [(128, 128, 512), (256, 256, 256), (512, 512, 128), (512, 512, 64), (256, 128, 512), (64, 64, 50)])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_row_bands_when_the_weights_fit_the_last_level_cache(ci, co, size, threads, monkeypatch):
+    """With the transformed weights inside a quarter of the last-level cache: whole tile rows per block, no
+    channel split, at least 2 blocks per thread, the busiest thread within one block of the mean, a frequency's
+    V + M rows within ROW_BAND_BYTES unless the weight reuse asks for more tiles; without: the L2-sized blocks."""
+    n_h = n_w = -(-size // 6)
+    min_tiles = ci * co // winograd.BAND_WEIGHT_REUSE
+    monkeypatch.setattr(winograd, "last_level_cache_bytes", lambda: 0)
+    l2_blocks = winograd.block_shape(size, size, ci, co, threads)
+    monkeypatch.setattr(winograd, "last_level_cache_bytes", lambda: 1 << 40)
+    rows, cols, parts = winograd.block_shape(size, size, ci, co, threads)
+    if -(-n_h // max(1, -(-min_tiles // n_w))) < 2 * threads:  # too few tile rows for 2 bands per thread
+        assert (rows, cols, parts) == l2_blocks
+        return
+    blocks = -(-n_h // rows)
+    assert (cols, parts) == (n_w, 1) and blocks >= 2 * threads
+    assert -(-blocks // threads) * threads - blocks < threads
+    tiles = rows * n_w
+    assert tiles >= min_tiles
+    assert rows == 1 or tiles * (ci + co) * 4 <= winograd.ROW_BAND_BYTES or (rows - 1) * n_w < min_tiles
+    monkeypatch.setattr(winograd, "last_level_cache_bytes", lambda: 64 * ci * co * 4 * 4 - 1)  # just too small
+    rows2, cols2, _ = winograd.block_shape(size, size, ci, co, threads)
+    t2 = rows2 * cols2
+    assert t2 >= winograd.MIN_BLOCK_TILES or (rows2, cols2) == (n_h, n_w)
 
 
 @needs_gcc

@@ -27,7 +27,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from .cbuild import build
+from .cbuild import build, last_level_cache_bytes
 from .packed_cache import PackedCache
 from .subpixel import subpixel_weights
 from .winograd_kernels import c_source
@@ -38,6 +38,11 @@ BLOCK_BYTES = 3 << 19  # V + M of one block of tiles (1.5 MiB): within a core's 
 MIN_BLOCK_TILES = 12  # ... but at least this many tiles, and C_in * C_out / WEIGHT_REUSE: each block streams all
 WEIGHT_REUSE = 2048  # t*t*C_in*C_out transformed weights from L3 (512 channels: 64 MiB)
 ROWS = 6  # tiles per micro-kernel call (register block 6 x 64 outputs: 24 accumulators)
+# Where the transformed weights fit in a quarter of the last-level cache (this Xeon: 480 MB of L3), blocks are
+# instead bands of whole tile rows: one frequency's V + M rows within ROW_BAND_BYTES, at least C_in * C_out /
+# BAND_WEIGHT_REUSE tiles (each block still streams all weights), as many blocks per thread as the rows allow.
+ROW_BAND_BYTES = 180 << 10
+BAND_WEIGHT_REUSE = 12288
 # Interpolation points by tile size t = m + r - 1 (Lavin & Gray 2016; NNPACK/wincnn use the same): 0, +-1, +-2
 # (, +-1/2) and infinity. F(6,3) and F(7,2) share the 8-point tile.
 _POINTS = {6: (0, 1, -1, 2, -2), 8: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
@@ -117,12 +122,34 @@ def block_shape(h: int, w: int, ci: int, co: int, threads: int, m: int = TILE) -
     channels: 128 tiles). Narrow images take whole tile rows; when there are fewer blocks than 2 per
     thread, the output channels are split instead (64 at least per part)."""
     n_h, n_w = -(-h // m), -(-w // m)
+    if 64 * ci * co * 4 <= last_level_cache_bytes() // 4:  # t = 8: the transformed weights stay in the L3
+        bands = _row_bands(n_h, n_w, ci, co, threads)
+        if bands is not None:
+            return bands
     tiles = max(MIN_BLOCK_TILES, ci * co // WEIGHT_REUSE, BLOCK_BYTES // (8 ** 2 * 4 * (ci + co)))  # t = 8: F(6,3), F(7,2)
     cols = min(n_w, tiles)
     rows = min(n_h, max(1, tiles // cols))
     blocks = -(-n_h // rows) * -(-n_w // cols)
     parts = 1 if threads == 1 or blocks >= 2 * threads else min(-(-co // 64), -(-2 * threads // blocks))
     return rows, cols, parts
+
+
+def _row_bands(n_h: int, n_w: int, ci: int, co: int, threads: int) -> tuple[int, int, int] | None:
+    """Bands of whole tile rows (see ROW_BAND_BYTES): of the row counts allowed, the one whose blocks split most
+    evenly between threads, the smaller on a tie; None when fewer than 2 blocks per thread would remain.
+    Measured here (SD, 2 threads), against the L2-sized blocks: 128 ch at 512 px 103 -> 84 ms, 256 at 256
+    73 -> 65, 512 at 128 67 -> 59, 512 at 64 23 -> 16 (docs/benchmarks.md)."""
+    r_min = max(1, -(-(ci * co // BAND_WEIGHT_REUSE) // n_w))
+    r_max = max(r_min, ROW_BAND_BYTES // (n_w * (ci + co) * 4))
+    best = None
+    for r in range(r_min, min(r_max, n_h) + 1):
+        blocks = -(-n_h // r)
+        if blocks < 2 * threads:
+            break
+        spread = -(-blocks // threads) * threads / blocks  # >= 1: the busiest thread's share over the mean
+        if best is None or spread < best[0]:
+            best = (spread, r)
+    return (best[1], n_w, 1) if best else None
 
 
 def winograd_conv2d(
