@@ -296,6 +296,33 @@ def test_pointwise_shortcut_accumulates_into_conv2_output():
     assert calls == [1]  # the hook does fire when the module runs
 
 
+@needs_gcc
+def test_winograd_residual_is_added_as_the_output_is_written():
+    """``residual=`` gives exactly the conv followed by an in-place add (same sums, same order), and a ResnetBlock2D
+    without shortcut conv (its residual taken that way) matches the same block in float64 within 1e-4."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    x, res = torch.randn(2, 32, 19, 37, generator=gen), torch.randn(2, 32, 19, 37, generator=gen)  # 37: 16-col runs + tails
+    with torch.no_grad():
+        fused = winograd.winograd_conv2d(conv, x, residual=res)
+        separate = winograd.winograd_conv2d(conv, x).add_(res)
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + res.double()
+    assert torch.equal(fused, separate)
+    torch.testing.assert_close(fused.double(), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="residual of shape"):
+        winograd.winograd_conv2d(conv, x, residual=res[:, :, :-1])
+
+    block = perturb(ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=None, groups=8, eps=1e-6)).eval()
+    ref_block = copy.deepcopy(block).double()
+    fastconv.optimize(block)
+    with torch.inference_mode():
+        out = block(x, None)
+        expect = ref_block(x.double(), None)
+    torch.testing.assert_close(out.double(), expect, atol=1e-4, rtol=1e-4)
+
+
 def test_environment_switches_are_read_once_at_import():
     """KL_AUTOENCODER_FASTCONV / _MALLOC are read by settings.py at import, in a fresh process."""
     import os

@@ -10,8 +10,8 @@ This module decides where each piece runs and patches the model (generic: ``nn.C
 
 - fp32: 3x3 convs by our fused Winograd F(6,3) (``winograd.py``); NNPACK's Winograd or eager where it
   does not apply. A ResnetBlock2D's GroupNorm + SiLU is applied while staging its conv's input
-  (``groupnorm.py``: statistics in one pass, the normalised map never written), SiLU and the residual
-  add in place, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into conv2's output; an
+  (``groupnorm.py``: statistics in one pass, the normalised map never written), the residual added as
+  conv2's output is written, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into it; an
   Upsample2D as four 2x2 sub-pixel convolutions on the low-resolution map by Winograd F(7,2).
 - bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
   channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in place;
@@ -119,18 +119,21 @@ def _fast_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return nn.Conv2d.forward(self, x)
 
 
-def _norm_silu_conv(norm: nn.Module, conv: nn.Conv2d, x: torch.Tensor, add_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv(silu(norm(x)))`` (+ ``add_bias`` (C_out,) per channel): fp32 with GroupNorm + SiLU inside the
-    Winograd input staging where it applies (``add_bias`` then joins the conv's bias), else the two-pass
-    GroupNorm + SiLU kernel, else eager norm and SiLU; the conv is patched."""
+def _norm_silu_conv(norm: nn.Module, conv: nn.Conv2d, x: torch.Tensor, add_bias: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(silu(norm(x)))`` (+ ``add_bias`` (C_out,) per channel) (+ ``residual``, a map of the output's
+    shape): fp32 with GroupNorm + SiLU inside the Winograd input staging where it applies (``add_bias`` then
+    joins the conv's bias, ``residual`` is added as the output is written), else the two-pass GroupNorm + SiLU
+    kernel, else eager norm and SiLU; the conv is patched."""
     if groupnorm.supported(norm, x):
         if x.dtype == torch.float32 and eligible(conv) and _fp32_ok(x, conv.weight) and use_winograd(conv):
             scale, shift = groupnorm.norm_scale_shift(norm, x)  # (B, C) each
-            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True, add_bias=add_bias)
+            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True, add_bias=add_bias, residual=residual)
         y = conv(groupnorm.group_norm_silu(norm, x))
     else:
         y = conv(F.silu(norm(x), inplace=True))  # norm returns a new tensor
-    return y if add_bias is None else y.add_(add_bias.detach()[:, None, None])
+    y = y if add_bias is None else y.add_(add_bias.detach()[:, None, None])
+    return y if residual is None else y.add_(residual)  # == input + hidden (IEEE addition commutes)
 
 
 def _pointwise_shortcut(conv: nn.Module | None, x: torch.Tensor) -> bool:
@@ -177,9 +180,9 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
         for k in range(x.shape[0]):
             h[k].view(sc.out_channels, -1).addmm_(w, x[k].view(sc.in_channels, -1))
         return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
-    h = _norm_silu_conv(self.norm2, self.conv2, h)
     shortcut = sc(x) if sc is not None else x
-    h = h.add_(shortcut)  # == input + hidden (IEEE addition commutes)
+    # the residual summed as conv2's output is written (fp32 Winograd), else added in place after it
+    h = _norm_silu_conv(self.norm2, self.conv2, h, residual=shortcut)  # (B, C_out, H, W)
     return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
 
 

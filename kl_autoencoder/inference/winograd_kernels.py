@@ -105,6 +105,23 @@ static void write_row(const float* sr, float* yr, long HW, long ncol) {
   for (int c = 0; c < 16; c++)
     for (long j = 0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c];
 }
+/* the same plus the rows rr of a residual (stride HW), added as each row is written (the sum an add_ pass
+   after the conv would make): 16 columns at a time by a register transpose, so that the residual is read,
+   and the output written, a line per channel */
+static void write_row_add(const float* sr, float* yr, const float* rr, long HW, long ncol) {
+  long j0 = 0;
+#ifdef __AVX512F__
+  for (; j0 + 16 <= ncol; j0 += 16) {
+    __m512 r[16];
+    for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_ps(sr + (j0 + k) * 16);
+    tr16(r);
+    for (int c = 0; c < 16; c++)
+      _mm512_storeu_ps(yr + c * HW + j0, _mm512_add_ps(r[c], _mm512_loadu_ps(rr + c * HW + j0)));
+  }
+#endif
+  for (int c = 0; c < 16; c++)
+    for (long j = j0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c] + rr[c * HW + j];
+}
 /* the same for two sub-pixel phases of one 2x row: staged column q is the low-resolution output column
    k = q0 + q of phase b = 0 (s0) and b = 1 (s1), written to columns 2k and 2k - 1 of the 2x rows yr (of w
    low-resolution columns): each 2x row is written once, in order */
@@ -128,7 +145,7 @@ static void write_row_pair(const float* s0, const float* s1, float* yr, long HW,
 # output row i, column j of phase (a, b) is written to y (C, 2 (H - 1), 2 (W - 1)) at (2 i - a, 2 j - b)
 # (subpixel.py), once a group's four phases are staged.
 _CONV = """
-void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, const float* scale, const float* shift,
+void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, const float* res, const float* scale, const float* shift,
                   int silu, long H, long W, long Ci, long Co, long R, long T, long P, int nt) {{
   const long m = {m}, t = {t}, tt = {t} * {t}, sub = {sub};
   long nH = (H + m - 1) / m, nW = (W + m - 1) / m, nseg = (nW + T - 1) / T, nband = (nH + R - 1) / R;
@@ -237,7 +254,8 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
                                  y + (c0 >> 6) * 16 * 4 * HWin + (2 * i - a) * 2 * Win, 4 * HWin, ncol, j0 * m, Win);
         }} else
           for (long r = 0; r < nr * m && i0 * m + r < H; r++)
-            write_row(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
+            if (res) write_row_add(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, res + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
+            else write_row(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
       }}
     }}
   }}
