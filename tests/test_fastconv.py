@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kl_autoencoder as ka
 from kl_autoencoder import settings
-from kl_autoencoder.inference import fastconv, winograd
+from kl_autoencoder.inference import fastconv, groupnorm, winograd
 from kl_autoencoder.config import ModelConfig
 
 from conftest import perturb
@@ -321,6 +321,34 @@ def test_winograd_residual_is_added_as_the_output_is_written():
         out = block(x, None)
         expect = ref_block(x.double(), None)
     torch.testing.assert_close(out.double(), expect, atol=1e-4, rtol=1e-4)
+
+
+@needs_gcc
+@pytest.mark.parametrize("blocks", ["bands", "strips", "channel-parts"])
+def test_winograd_output_statistics_are_groupnorms(blocks, monkeypatch):
+    """``stats=True``: the per-channel moments merged from every block (and thread) give the next GroupNorm the
+    scale and shift that float64 statistics of the written output give; a residual is included."""
+    monkeypatch.setattr(winograd, "last_level_cache_bytes", lambda: (1 << 40) if blocks == "bands" else 0)
+    if blocks == "strips":
+        monkeypatch.setattr(winograd, "BLOCK_BYTES", 1 << 12)
+    elif blocks == "channel-parts":
+        monkeypatch.setattr(winograd, "block_shape", lambda h, w, ci, co, nt, m: (100, 100, co // 64))
+    gen = torch.Generator().manual_seed(6)
+    conv, norm = torch.nn.Conv2d(32, 128, 3, padding=1), torch.nn.GroupNorm(8, 128, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        norm.bias.normal_(generator=gen)
+    x = torch.randn(2, 32, 23, 41, generator=gen)
+    res = torch.randn(2, 128, 23, 41, generator=gen) * 3 + 7  # a large mean: the shifts matter
+    with torch.no_grad():
+        y = winograd.winograd_conv2d(conv, x, residual=res, stats=True)
+        scale, shift = groupnorm.norm_scale_shift(norm, y)  # from the kernel's moments
+        g = y.double().view(2, 8, -1)
+        mean, var = g.mean(2), g.var(2, unbiased=False)  # (B, G): independent, float64
+        a = norm.weight.double().view(1, 8, -1) / (var + norm.eps).sqrt()[:, :, None]
+        b = norm.bias.double().view(1, 8, -1) - mean[:, :, None] * a
+    torch.testing.assert_close(scale.double(), a.reshape(2, 128), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shift.double(), b.reshape(2, 128), rtol=1e-6, atol=1e-5)
 
 
 def test_environment_switches_are_read_once_at_import():

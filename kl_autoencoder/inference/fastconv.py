@@ -120,15 +120,17 @@ def _fast_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_silu_conv(norm: nn.Module, conv: nn.Conv2d, x: torch.Tensor, add_bias: torch.Tensor | None = None,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None, stats: bool = False) -> torch.Tensor:
     """``conv(silu(norm(x)))`` (+ ``add_bias`` (C_out,) per channel) (+ ``residual``, a map of the output's
     shape): fp32 with GroupNorm + SiLU inside the Winograd input staging where it applies (``add_bias`` then
-    joins the conv's bias, ``residual`` is added as the output is written), else the two-pass GroupNorm + SiLU
-    kernel, else eager norm and SiLU; the conv is patched."""
+    joins the conv's bias, ``residual`` is added as the output is written, ``stats``: the output's channel
+    statistics for the next GroupNorm come with it), else the two-pass GroupNorm + SiLU kernel, else eager
+    norm and SiLU; the conv is patched."""
     if groupnorm.supported(norm, x):
         if x.dtype == torch.float32 and eligible(conv) and _fp32_ok(x, conv.weight) and use_winograd(conv):
-            scale, shift = groupnorm.norm_scale_shift(norm, x)  # (B, C) each
-            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True, add_bias=add_bias, residual=residual)
+            scale, shift = groupnorm.norm_scale_shift(norm, x)  # (B, C) each (x's own, if its writer attached them)
+            return winograd_conv2d(conv, x, scale=scale, shift=shift, silu=True, add_bias=add_bias, residual=residual,
+                                   stats=stats)
         y = conv(groupnorm.group_norm_silu(norm, x))
     else:
         y = conv(F.silu(norm(x), inplace=True))  # norm returns a new tensor
@@ -164,7 +166,7 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
     if temb is not None or args or kwargs or torch.is_grad_enabled() or (self.training and self.dropout.p > 0) or not active():
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     x = input_tensor
-    h = _norm_silu_conv(self.norm1, self.conv1, x)
+    h = _norm_silu_conv(self.norm1, self.conv1, x, stats=True)  # fp32: norm2's statistics written with h
     if h.dtype == torch.bfloat16 and _bf16_ok(self.conv2, h) and groupnorm.supported(self.norm2, h):
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         # conv1's output is ours alone: normalised in place (no second map of that size written)
@@ -181,8 +183,9 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
             h[k].view(sc.out_channels, -1).addmm_(w, x[k].view(sc.in_channels, -1))
         return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
     shortcut = sc(x) if sc is not None else x
-    # the residual summed as conv2's output is written (fp32 Winograd), else added in place after it
-    h = _norm_silu_conv(self.norm2, self.conv2, h, residual=shortcut)  # (B, C_out, H, W)
+    # the residual summed as conv2's output is written (fp32 Winograd), else added in place after it; the
+    # output's statistics for the next block's norm1 come with it unless the division below changes it
+    h = _norm_silu_conv(self.norm2, self.conv2, h, residual=shortcut, stats=self.output_scale_factor == 1)
     return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
 
 

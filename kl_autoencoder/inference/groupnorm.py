@@ -226,6 +226,15 @@ def attach_channel_sums(x: torch.Tensor, sums: torch.Tensor, shifts: torch.Tenso
     setattr(x, _SUMS, (sums, shifts))
 
 
+def attach_channel_moments(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    """Per-channel mean and M2 = sum((x - mean)^2) (B, C) float64 as the shifted sums above: the shift is the
+    mean rounded to float32, d = mean - shift, so sum(x - shift) = n d and sum((x - shift)^2) = M2 + n d^2."""
+    n = x.shape[2] * x.shape[3]
+    shifts = mean.float()  # (B, C)
+    d = mean - shifts.double()
+    attach_channel_sums(x, torch.stack([n * d, m2 + n * d * d], 1), shifts)  # (B, 2, C)
+
+
 def _fold_channel_sums(norm: nn.GroupNorm, sums: torch.Tensor, shifts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) (B, C) float32 from per-channel shifted sums over n values each, as ``fold`` in C does:
     re-shifted to each group's first channel (float64, no E[x^2] - E[x]^2 cancellation)."""

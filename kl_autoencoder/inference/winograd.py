@@ -27,6 +27,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
+from . import groupnorm
 from .cbuild import build, last_level_cache_bytes
 from .packed_cache import PackedCache
 from .subpixel import subpixel_weights
@@ -84,7 +85,7 @@ def _c_source() -> str:
 def winograd_library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use, ``cbuild.py``); None without gcc/OpenMP."""
     i64, ptr = ctypes.c_long, ctypes.c_void_p
-    sig = (None, [ptr] * 7 + [ctypes.c_int] + [i64] * 4 + [i64, i64, i64, ctypes.c_int])
+    sig = (None, [ptr] * 8 + [ctypes.c_int] + [i64] * 4 + [i64, i64, i64, ctypes.c_int])
     return build("winograd", _c_source(), {f"wino{m}_conv": sig for m in (4, 6, SUBPIXEL_TILE)})
 
 
@@ -162,6 +163,7 @@ def winograd_conv2d(
     silu: bool = False,
     add_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    stats: bool = False,
 ) -> torch.Tensor:
     """``conv(pre(x))`` for a 3x3, stride-1, padding-1 conv by Winograd F(m x m, 3 x 3); (B, C_out, H, W) NCHW.
 
@@ -170,6 +172,8 @@ def winograd_conv2d(
     ``add_bias`` (C_out,): added to the conv's bias (a following per-channel addition, at no cost).
     ``residual`` (B, C_out, H, W): added as the output is written (``conv(x) + residual``, the same sums as an
     ``add_`` afterwards, without its pass over both maps).
+    ``stats``: each image's per-channel mean and M2 of the output, computed from the rows just written, attached
+    to it for the next GroupNorm (``groupnorm.attach_channel_moments``): its statistics pass is saved.
     NCHW in and out, like eager: the rest of the model stays in the layout it runs fastest in.
     """
     lib = winograd_library()
@@ -187,12 +191,16 @@ def winograd_conv2d(
         if residual.shape != y.shape:
             raise ValueError(f"residual of shape {tuple(residual.shape)} for a conv output of {tuple(y.shape)}")
         residual = residual.float().contiguous()  # (B, C_out, H, W)
+    moments = torch.zeros(b, 3, co, dtype=torch.float64) if stats else None  # (B, [count, mean, M2], C_out)
     fn = getattr(lib, f"wino{m}_conv")
     nt = torch.get_num_threads()
     for k in range(b):
         fn(x[k].data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, y[k].data_ptr(),
-           residual[k].data_ptr() if residual is not None else None, scale[k].data_ptr() if scale is not None else None, shift[k].data_ptr() if scale is not None else None,
+           residual[k].data_ptr() if residual is not None else None,
+           moments[k].data_ptr() if moments is not None else None, scale[k].data_ptr() if scale is not None else None, shift[k].data_ptr() if scale is not None else None,
            int(silu), h, w, ci, co, *block_shape(h, w, ci, co, nt, m), nt)
+    if moments is not None:
+        groupnorm.attach_channel_moments(y, moments[:, 1], moments[:, 2])
     return y
 
 
@@ -214,7 +222,7 @@ def winograd_upsample_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     shape = subpixel_block_shape(h + 1, w + 1, ci, 4 * co, nt)
     for k in range(b):  # the phases' outputs: (h + 1, w + 1), phase (a, b) at rows a .. a + h - 1, cols b .. b + w - 1
         lib.wino7_conv(x[k].data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, y[k].data_ptr(),
-                       None, None, None, 0, h + 1, w + 1, ci, 4 * co, *shape, nt)
+                       None, None, None, None, 0, h + 1, w + 1, ci, 4 * co, *shape, nt)
     return y
 
 

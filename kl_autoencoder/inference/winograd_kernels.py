@@ -132,6 +132,34 @@ static void write_row_add(const float* sr, float* yr, const float* rr, long HW, 
   for (int c = 0; c < 16; c++)
     for (long j = j0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c] + rr[c * HW + j];
 }
+/* Chan et al.'s update: (count, mean, M2) of a channel's values so far, merged with another part's */
+static inline void chan_merge(double* cnt, double* mean, double* m2, double n, double mu, double q) {
+  double t = *cnt + n, d = mu - *mean;
+  if (t == 0) return;
+  *mean += d * n / t;
+  *m2 += q + d * d * *cnt * n / t;
+  *cnt = t;
+}
+/* GroupNorm statistics of 16 channels' rows just written (still in L2): per channel, the block's rows
+   y[c HW + r W + j], r < nrows, j < ncol, summed in float as deviations from the block's first value, then
+   merged in double into (cnt, mean, m2)[c] */
+static void block_stats(const float* y, long HW, long W, long nrows, long ncol, double* cnt, double* mean, double* m2) {
+  for (int c = 0; c < 16; c++) {
+    const float* yc = y + c * HW;
+    float k = yc[0];
+    v16 a1 = vset1(0.f), a2 = vset1(0.f);
+    float r1 = 0.f, r2 = 0.f;
+    for (long r = 0; r < nrows; r++) {
+      const float* row = yc + r * W;
+      long j = 0;
+      for (; j + 16 <= ncol; j += 16) { v16 d = vload(row + j) - k; a1 += d; a2 += d * d; }
+      for (; j < ncol; j++) { float d = row[j] - k; r1 += d; r2 += d * d; }
+    }
+    for (int l = 0; l < 16; l++) { r1 += a1[l]; r2 += a2[l]; }
+    double n = (double)nrows * ncol, s1 = r1, s2 = r2;
+    chan_merge(cnt + c, mean + c, m2 + c, n, k + s1 / n, s2 - s1 * s1 / n);
+  }
+}
 /* the same for two sub-pixel phases of one 2x row: staged column q is the low-resolution output column
    k = q0 + q of phase b = 0 (s0) and b = 1 (s1), written to columns 2k and 2k - 1 of the 2x rows yr (of w
    low-resolution columns): each 2x row is written once, in order */
@@ -148,14 +176,15 @@ static void write_row_pair(const float* s0, const float* s1, float* yr, long HW,
 """
 
 # One conv for one image. x: (C_in, H, W); U: packed
-# transformed weights (t*t, C_out/64 blocks, C_in, 64); y: (C_out, H, W). scale/shift (C_in) or NULL: input
+# transformed weights (t*t, C_out/64 blocks, C_in, 64); y: (C_out, H, W); res (C_out, H, W) or NULL: added to y;
+# stats (3, C_out) zeroed or NULL: each channel's (count, mean, M2) of y accumulated. scale/shift (C_in) or NULL: input
 # staging computes silu?(x * scale + shift); the zero padding stays zero (it pads the conv's input).
 # sub (F(7,2) build): the 2x2 sub-pixel conv of an upsampler, padding 1: x (C_in, H - 1, W - 1), outputs (H, W)
 # of C_out = 4 C channels in groups of 64: 16 channels x 4 phases (16 g + c, phase 2a + b at 64 g + 16 (2a + b) + c);
 # output row i, column j of phase (a, b) is written to y (C, 2 (H - 1), 2 (W - 1)) at (2 i - a, 2 j - b)
 # (subpixel.py), once a group's four phases are staged.
 _CONV = """
-void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, const float* res, const float* scale, const float* shift,
+void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, const float* res, double* stats, const float* scale, const float* shift,
                   int silu, long H, long W, long Ci, long Co, long R, long T, long P, int nt) {{
   const long m = {m}, t = {t}, tt = {t} * {t}, sub = {sub};
   long nH = (H + m - 1) / m, nW = (W + m - 1) / m, nseg = (nW + T - 1) / T, nband = (nH + R - 1) / R;
@@ -168,6 +197,7 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
   {{
     /* rows of V past a block's last tile feed products that are never read: no need to clear them */
     float* V = (float*)scratch((tt * (fv + fm) + SR * SW * 16 + (sub ? 4 : 1) * OS) * 4);
+    double* ts = stats ? (double*)calloc(3 * Co, sizeof(double)) : 0;  /* this thread's (count, mean, M2) per channel */
     float* M = V + tt * fv;
     float* st = M + tt * fm;
     float* ost = st + SR * SW * 16;
@@ -266,7 +296,16 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
           for (long r = 0; r < nr * m && i0 * m + r < H; r++)
             if (res) write_row_add(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, res + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
             else write_row(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
+        if (ts && !sub) {{
+          long rows = H - i0 * m < nr * m ? H - i0 * m : nr * m;
+          block_stats(y + c0 * HW + i0 * m * W + j0 * m, HW, W, rows, ncol, ts + c0, ts + Co + c0, ts + 2 * Co + c0);
+        }}
       }}
+    }}
+    if (ts) {{
+      #pragma omp critical
+      for (long c = 0; c < Co; c++) chan_merge(stats + c, stats + Co + c, stats + 2 * Co + c, ts[c], ts[Co + c], ts[2 * Co + c]);
+      free(ts);
     }}
   }}
 }}"""
