@@ -10,9 +10,10 @@ This module decides where each piece runs and patches the model (generic: ``nn.C
 
 - fp32: 3x3 convs by our fused Winograd F(6,3) (``winograd.py``); NNPACK's Winograd or eager where it
   does not apply. A ResnetBlock2D's GroupNorm + SiLU is applied while staging its conv's input
-  (``groupnorm.py``: statistics in one pass, the normalised map never written), the residual added as
-  conv2's output is written, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into it; an
-  Upsample2D as four 2x2 sub-pixel convolutions on the low-resolution map by Winograd F(7,2).
+  (``groupnorm.py``: statistics in one pass, the normalised map never written; the statistics of conv1's
+  and conv2's outputs come from the kernel that writes them), the residual added as conv2's output is
+  written, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into it; an Upsample2D as four 2x2
+  sub-pixel convolutions on the low-resolution map by Winograd F(7,2); Downsample2D's pad as one copy.
 - bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
   channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in place;
   every other GroupNorm, e.g. the attention's, through the same kernels), the residual add fused into conv2,

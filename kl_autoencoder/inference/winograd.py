@@ -3,13 +3,15 @@
 Per m x m output tile, ``Y = A^T [(G g G^T) * (B^T d B)] A`` (Lavin & Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016): F(6,3) does 5.06x fewer multiplications than direct 3x3.
 
-The kernel (C generated here, built by ``cbuild.py``) works on a strip of ``T`` tiles of one tile row
-at a time, so that the strip's transformed input ``V`` (t*t, T, C_in) and products ``M`` (t*t, T,
-C_out) stay in the core's L2 cache: input transform (16 channels per vector, straight-line code with
+The kernel (C in ``winograd_kernels.py``, generated from the matrices here, built by ``cbuild.py``) works
+on a block of tiles at a time (``block_shape``: L2-sized, or bands of whole tile rows where the weights fit
+the last-level cache), so that one frequency's transformed input ``V[f]`` (T, C_in) and products ``M[f]``
+(T, C_out) stay in the core's L2 cache: input transform (16 channels per vector, straight-line code with
 the matrices' constants folded in), then the t*t products ``V[f] @ U[f]`` with a 6 x 64 register-
-blocked micro-kernel, then the output transform writing NCHW rows. Earlier versions transformed a
-band of 48 MB and ran the products through oneDNN: the transformed tiles went to memory and back
-twice, so at 128-256 channels the transforms cost as much as the products (docs/benchmarks.md).
+blocked micro-kernel, then the output transform writing NCHW rows (plus a residual, plus the rows'
+GroupNorm statistics, on request). Earlier versions transformed a band of 48 MB and ran the products
+through oneDNN: the transformed tiles went to memory and back twice, so at 128-256 channels the
+transforms cost as much as the products (docs/benchmarks.md).
 
 The input staging can also apply, per channel, ``silu(x * scale + shift)`` (a GroupNorm with its
 statistics, then SiLU: ``groupnorm.py``), so the normalised map is never written to memory. A second
