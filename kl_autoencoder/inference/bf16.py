@@ -36,7 +36,8 @@ CL = torch.channels_last
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-# The four sub-pixel phases of the 2x2 conv's output (h+1, w+1, 4 x C_out) interleaved into (2h, 2w, C_out),
+# The four sub-pixel phases of the two 2x2 convs' outputs o0, o1 ((h+1, w+1, 2 x C_out) each: phases (a, 0),
+# (a, 1) of output-row parity a) interleaved into (2h, 2w, C_out),
 # channels_last bf16, one row of C_out channels at a time (torch's strided copy_ of the same took 5-10x longer).
 _SOURCE = PRELUDE + r"""
 /* The same, also summing each channel's values (shifted by K[c], float per 64 pixels, double beyond): the

@@ -125,11 +125,12 @@ def block_shape(h: int, w: int, ci: int, co: int, threads: int, m: int = TILE) -
     channels: 128 tiles). Narrow images take whole tile rows; when there are fewer blocks than 2 per
     thread, the output channels are split instead (64 at least per part)."""
     n_h, n_w = -(-h // m), -(-w // m)
-    if 64 * ci * co * 4 <= last_level_cache_bytes() // 4:  # t = 8: the transformed weights stay in the L3
+    tt = (8 if m == SUBPIXEL_TILE else m + 2) ** 2  # t*t: F(m, 3), or F(7, 2)
+    if tt * ci * co * 4 <= last_level_cache_bytes() // 4:  # the transformed weights stay in the last-level cache
         bands = _row_bands(n_h, n_w, ci, co, threads)
         if bands is not None:
             return bands
-    tiles = max(MIN_BLOCK_TILES, ci * co // WEIGHT_REUSE, BLOCK_BYTES // (8 ** 2 * 4 * (ci + co)))  # t = 8: F(6,3), F(7,2)
+    tiles = max(MIN_BLOCK_TILES, ci * co // WEIGHT_REUSE, BLOCK_BYTES // (tt * 4 * (ci + co)))
     cols = min(n_w, tiles)
     rows = min(n_h, max(1, tiles // cols))
     blocks = -(-n_h // rows) * -(-n_w // cols)
@@ -199,7 +200,8 @@ def winograd_conv2d(
     for k in range(b):
         fn(x[k].data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, y[k].data_ptr(),
            residual[k].data_ptr() if residual is not None else None,
-           moments[k].data_ptr() if moments is not None else None, scale[k].data_ptr() if scale is not None else None, shift[k].data_ptr() if scale is not None else None,
+           moments[k].data_ptr() if moments is not None else None,
+           scale[k].data_ptr() if scale is not None else None, shift[k].data_ptr() if scale is not None else None,
            int(silu), h, w, ci, co, *block_shape(h, w, ci, co, nt, m), nt)
     if moments is not None:
         groupnorm.attach_channel_moments(y, moments[:, 1], moments[:, 2])

@@ -99,26 +99,11 @@ static void stage_row(const float* xr, long HWin, long W, long q0, long ncols, f
     q++;
   }
 }
-/* ncol staged outputs sr (column, 16 channels) -> 16 NCHW rows yr (stride HW): 16 columns at a time by a
-   register transpose, a 64-byte store per channel row (with blocks of whole tile rows 4% faster per conv than
-   element by element; with the 144-column blocks before them it was slower, 111 vs 103 ms) */
-static void write_row(const float* sr, float* yr, long HW, long ncol) {
-  long j0 = 0;
-#ifdef __AVX512F__
-  for (; j0 + 16 <= ncol; j0 += 16) {
-    __m512 r[16];
-    for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_ps(sr + (j0 + k) * 16);
-    tr16(r);
-    for (int c = 0; c < 16; c++) _mm512_storeu_ps(yr + c * HW + j0, r[c]);
-  }
-#endif
-  for (int c = 0; c < 16; c++)
-    for (long j = j0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c];
-}
-/* the same plus the rows rr of a residual (stride HW), added as each row is written (the sum an add_ pass
-   after the conv would make): 16 columns at a time by a register transpose, so that the residual is read,
-   and the output written, a line per channel */
-static void write_row_add(const float* sr, float* yr, const float* rr, long HW, long ncol) {
+/* ncol staged outputs sr (column, 16 channels) -> 16 NCHW rows yr (stride HW), plus the same rows of a
+   residual rr when given (the sum an add_ pass after the conv would make, in the same order): 16 columns at a
+   time by a register transpose, a 64-byte load and store per channel row (with blocks of whole tile rows 4%
+   faster per conv than element by element; with the 144-column blocks before them it was slower, 111 vs 103 ms) */
+static void write_row(const float* sr, float* yr, const float* rr, long HW, long ncol) {
   long j0 = 0;
 #ifdef __AVX512F__
   for (; j0 + 16 <= ncol; j0 += 16) {
@@ -126,11 +111,27 @@ static void write_row_add(const float* sr, float* yr, const float* rr, long HW, 
     for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_ps(sr + (j0 + k) * 16);
     tr16(r);
     for (int c = 0; c < 16; c++)
-      _mm512_storeu_ps(yr + c * HW + j0, _mm512_add_ps(r[c], _mm512_loadu_ps(rr + c * HW + j0)));
+      _mm512_storeu_ps(yr + c * HW + j0, rr ? _mm512_add_ps(r[c], _mm512_loadu_ps(rr + c * HW + j0)) : r[c]);
   }
 #endif
   for (int c = 0; c < 16; c++)
-    for (long j = j0; j < ncol; j++) yr[c * HW + j] = sr[j * 16 + c] + rr[c * HW + j];
+    for (long j = j0; j < ncol; j++) {
+      float v = sr[j * 16 + c];
+      yr[c * HW + j] = rr ? v + rr[c * HW + j] : v;
+    }
+}
+/* the same for two sub-pixel phases of one 2x row: staged column q is the low-resolution output column
+   k = q0 + q of phase b = 0 (s0) and b = 1 (s1), written to columns 2k and 2k - 1 of the 2x rows yr (of w
+   low-resolution columns): each 2x row is written once, in order */
+static void write_row_pair(const float* s0, const float* s1, float* yr, long HW, long ncol, long q0, long w) {
+  for (int c = 0; c < 16; c++) {
+    float* yc = yr + c * HW;
+    for (long q = 0; q < ncol; q++) {
+      long k = q0 + q;
+      if (k >= 1 && k <= w) yc[2 * k - 1] = s1[q * 16 + c];
+      if (k < w) yc[2 * k] = s0[q * 16 + c];
+    }
+  }
 }
 /* Chan et al.'s update: (count, mean, M2) of a channel's values so far, merged with another part's */
 static inline void chan_merge(double* cnt, double* mean, double* m2, double n, double mu, double q) {
@@ -158,19 +159,6 @@ static void block_stats(const float* y, long HW, long W, long nrows, long ncol, 
     for (int l = 0; l < 16; l++) { r1 += a1[l]; r2 += a2[l]; }
     double n = (double)nrows * ncol, s1 = r1, s2 = r2;
     chan_merge(cnt + c, mean + c, m2 + c, n, k + s1 / n, s2 - s1 * s1 / n);
-  }
-}
-/* the same for two sub-pixel phases of one 2x row: staged column q is the low-resolution output column
-   k = q0 + q of phase b = 0 (s0) and b = 1 (s1), written to columns 2k and 2k - 1 of the 2x rows yr (of w
-   low-resolution columns): each 2x row is written once, in order */
-static void write_row_pair(const float* s0, const float* s1, float* yr, long HW, long ncol, long q0, long w) {
-  for (int c = 0; c < 16; c++) {
-    float* yc = yr + c * HW;
-    for (long q = 0; q < ncol; q++) {
-      long k = q0 + q;
-      if (k >= 1 && k <= w) yc[2 * k - 1] = s1[q * 16 + c];
-      if (k < w) yc[2 * k] = s0[q * 16 + c];
-    }
   }
 }
 """
@@ -294,8 +282,8 @@ void wino{m}_conv(const float* x, const float* U, const float* bias, float* y, c
                                  y + (c0 >> 6) * 16 * 4 * HWin + (2 * i - a) * 2 * Win, 4 * HWin, ncol, j0 * m, Win);
         }} else
           for (long r = 0; r < nr * m && i0 * m + r < H; r++)
-            if (res) write_row_add(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, res + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
-            else write_row(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m, HW, ncol);
+            write_row(ost + r * m * T * 16, y + c0 * HW + (i0 * m + r) * W + j0 * m,
+                      res ? res + c0 * HW + (i0 * m + r) * W + j0 * m : 0, HW, ncol);
         if (ts && !sub) {{
           long rows = H - i0 * m < nr * m ? H - i0 * m : nr * m;
           block_stats(y + c0 * HW + i0 * m * W + j0 * m, HW, W, rows, ncol, ts + c0, ts + Co + c0, ts + 2 * Co + c0);
