@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import settings
-from . import bf16, groupnorm
+from . import amx_conv, bf16, groupnorm
 from .cbuild import cpu_flags
 from .winograd import CHANNEL_BLOCK, winograd_conv2d, winograd_library, winograd_upsample_conv2d
 
@@ -167,6 +167,8 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
     if temb is not None or args or kwargs or torch.is_grad_enabled() or (self.training and self.dropout.p > 0) or not active():
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     x = input_tensor
+    if _amx_block(self, x):
+        return _amx_resnet_forward(self, x)
     h = _norm_silu_conv(self.norm1, self.conv1, x, stats=True)  # fp32: norm2's statistics written with h
     if h.dtype == torch.bfloat16 and _bf16_ok(self.conv2, h) and groupnorm.supported(self.norm2, h):
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
@@ -188,6 +190,31 @@ def _fast_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torc
     # output's statistics for the next block's norm1 come with it unless the division below changes it
     h = _norm_silu_conv(self.norm2, self.conv2, h, residual=shortcut, stats=self.output_scale_factor == 1)
     return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
+
+
+def _amx_block(block: nn.Module, x: torch.Tensor) -> bool:
+    """A bf16 ResnetBlock2D whose two 3x3 convs both run on ``amx_conv`` and whose norms our kernels handle."""
+    return (
+        x.dtype == torch.bfloat16 and amx_conv.applies(block.conv1, x) and amx_conv.applies(block.conv2, x)
+        and groupnorm.supported(block.norm1, x) and groupnorm.supported(block.norm2, x)  # x: channels_last bf16
+        and block.norm2.num_channels == block.conv1.out_channels and bf16.supported() and amx_conv.supported()
+    )
+
+
+def _amx_resnet_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block with both convs on AMX (``amx_conv``): norm1 + SiLU written into a zero-bordered map, conv1 into
+    the interior of another (norm2's statistics from the same pass), norm2 + SiLU in place there, conv2 with the
+    shortcut added (the next block's norm1 statistics from the same pass unless the output is rescaled)."""
+    b, c, h, w = x.shape
+    p1 = amx_conv.padded_empty(b, c, h, w)  # (B, C, H + 2, W + 2)
+    groupnorm.apply_scale_shift_into(x, amx_conv.interior(p1), *groupnorm.norm_scale_shift(self.norm1, x), silu=True)
+    p2 = amx_conv.padded_empty(b, self.conv1.out_channels, h, w)
+    hid = amx_conv.conv3x3(self.conv1, p1, out=amx_conv.interior(p2), stats=True)  # (B, C_mid, H, W), a view into p2
+    del p1
+    groupnorm.apply_scale_shift_into(hid, hid, *groupnorm.norm_scale_shift(self.norm2, hid), silu=True)
+    shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x  # (B, C_out, H, W)
+    out = amx_conv.conv3x3(self.conv2, p2, residual=shortcut, stats=self.output_scale_factor == 1)
+    return out if self.output_scale_factor == 1 else out.div_(self.output_scale_factor)
 
 
 def _upsample_fusable(block: nn.Module) -> bool:
@@ -243,7 +270,10 @@ def _fast_downsample_forward(self: nn.Module, hidden_states: torch.Tensor, *args
     x = hidden_states
     if not args and not kwargs and active():
         if _bf16_ok(self.conv, x):
-            return bf16.conv2d(self.conv, pad_right_bottom(x))  # (B, C, H/2, W/2) channels_last
+            xp = pad_right_bottom(x)  # (B, C, H + 1, W + 1)
+            if amx_conv.applies_strided(self.conv, xp) and amx_conv.supported():
+                return amx_conv.conv3x3(self.conv, xp, stats=True)  # (B, C, H/2, W/2) channels_last, norm1's statistics
+            return bf16.conv2d(self.conv, xp)  # (B, C, H/2, W/2) channels_last
         if _fp32_ok(x, self.conv.weight):
             return self.conv(pad_right_bottom(x))  # (B, C, H/2, W/2)
     return type(self).forward(self, hidden_states, *args, **kwargs)

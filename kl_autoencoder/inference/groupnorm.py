@@ -163,16 +163,19 @@ void gn_affine_nhwc_bf16(const uint16_t* x, long HW, long C, long G, const float
   fold(s1, s2, K, HW * cg, C, G, gamma, beta, eps, scale, shift);
   free(s); free(s1); free(Kc); free(K);
 }
-void affine_nhwc_bf16(const uint16_t* x, uint16_t* y, const float* scale, const float* shift, long HW, long C, int silu, int nt) {
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (long p = 0; p < HW; p++) {
-    if (silu)
-      for (long c = 0; c < C; c += 16)
-        bf16_store(y + p * C + c, vsilu_bf16(bf16_load(x + p * C + c) * vload(scale + c) + vload(shift + c)));
-    else
-      for (long c = 0; c < C; c += 16)
-        bf16_store(y + p * C + c, bf16_load(x + p * C + c) * vload(scale + c) + vload(shift + c));
-  }
+/* rows of W pixels, xrs / yrs elements apart (a padded map's interior: amx_conv.py) */
+void affine_nhwc_bf16(const uint16_t* x, long xrs, uint16_t* y, long yrs, const float* scale, const float* shift, long H, long W,
+                      long C, int silu, int nt) {
+  #pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+  for (long r = 0; r < H; r++)
+    for (long p = 0; p < W; p++) {
+      const uint16_t* xp = x + r * xrs + p * C;
+      uint16_t* yp = y + r * yrs + p * C;
+      if (silu)
+        for (long c = 0; c < C; c += 16) bf16_store(yp + c, vsilu_bf16(bf16_load(xp + c) * vload(scale + c) + vload(shift + c)));
+      else
+        for (long c = 0; c < C; c += 16) bf16_store(yp + c, bf16_load(xp + c) * vload(scale + c) + vload(shift + c));
+    }
 }
 """
 
@@ -182,8 +185,9 @@ def library() -> ctypes.CDLL | None:
     i64, ptr, f32, i32 = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     stats = (None, [ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, i32])
     apply = (None, [ptr, ptr, ptr, ptr, i64, i64, i32, i32])
+    apply_rows = (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i32, i32])
     return build("groupnorm", _SOURCE, {"gn_affine_nchw": stats, "gn_affine_nhwc_bf16": stats,
-                                         "affine_nchw": apply, "affine_nhwc_bf16": apply})
+                                         "affine_nchw": apply, "affine_nhwc_bf16": apply_rows})
 
 
 def _layout(x: torch.Tensor) -> str | None:
@@ -282,10 +286,30 @@ def apply_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     b, c = x.shape[:2]
     hw = x.shape[2] * x.shape[3]
     y = x if inplace else torch.empty_like(x)  # keeps channels_last for the bf16 layout
-    fn = lib.affine_nchw if layout == "nchw" else lib.affine_nhwc_bf16
-    dims = (c, hw) if layout == "nchw" else (hw, c)
+    if layout == "nhwc_bf16":
+        return apply_scale_shift_into(x, y, scale, shift, silu)
     for k in range(b):
-        fn(x[k].data_ptr(), y[k].data_ptr(), scale[k].data_ptr(), shift[k].data_ptr(), *dims, int(silu), torch.get_num_threads())
+        lib.affine_nchw(x[k].data_ptr(), y[k].data_ptr(), scale[k].data_ptr(), shift[k].data_ptr(), c, hw, int(silu),
+                        torch.get_num_threads())
+    return y
+
+
+def _rows_nhwc(x: torch.Tensor) -> bool:
+    """bf16 (B, C, H, W) whose pixels are C contiguous channels, W pixels a row (a channels_last map or a view
+    of rows inside a wider one, e.g. a padded map's interior), C a multiple of 16."""
+    c = x.shape[1]
+    return x.dtype == torch.bfloat16 and x.dim() == 4 and c % 16 == 0 and x.stride(1) == 1 and (x.stride(3) == c or x.shape[3] == 1)
+
+
+def apply_scale_shift_into(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                           silu: bool) -> torch.Tensor:
+    """``y = silu?(x * scale + shift)`` per channel for bf16 maps of rows of channels_last pixels (``x`` and
+    ``y`` may be the same tensor, or views into wider maps); returns ``y``."""
+    assert _rows_nhwc(x) and _rows_nhwc(y) and x.shape == y.shape
+    b, c, h, w = x.shape
+    for k in range(b):
+        library().affine_nhwc_bf16(x[k].data_ptr(), x.stride(2), y[k].data_ptr(), y.stride(2), scale[k].data_ptr(),
+                                   shift[k].data_ptr(), h, w, c, int(silu), torch.get_num_threads())
     return y
 
 

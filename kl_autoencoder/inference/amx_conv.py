@@ -1,0 +1,271 @@
+"""bf16 3x3 convolutions by AMX tile instructions on a zero-bordered channels_last map, with the next
+GroupNorm's statistics from the same pass.
+
+Why: in the bf16 SD encoder at 512 px the convolutions are ~75% of the time and oneDNN's AMX kernels ran
+the ResnetBlock2D convs at 2.4 (128 channels at 512 px) to 3.3 TF/s in the network; each of their outputs
+was then read once more for GroupNorm statistics (a 64 MB map at ~13 GB/s: ~5 ms). Here a 3x3, stride-1,
+padding-1 conv is an implicit GEMM on AMX (``TDPBF16PS``: 16 x 32 bf16 times 32 x 16 bf16 into 16 x 16
+float per instruction): for each output row, 32 pixels x 32 output channels accumulate in four 16 x 16
+tiles over the 9 taps x C_in / 32 steps; the input tiles are read straight from the map (16 pixels, a
+64-byte channel slice each, row stride C_in), which is why the input carries a zero border (no edge cases;
+the GroupNorm + SiLU pass that precedes every such conv writes it there). The weights, packed once per
+layer in the VNNI pairs AMX reads, are streamed (``TILELOADDT1``) so the input rows stay in L1, and split
+into chunks of output channels that fit in L2 with the rows they meet. Each output is bias (+ residual)
+added to the float sum and rounded once to bf16 (oneDNN's post-ops do the same); the kernel also sums the
+rounded values per channel (per output row from its first value, merged across rows and threads in float64
+by Chan's update), the statistics of the GroupNorm that follows (``groupnorm.attach_channel_moments``).
+
+Measured (docs/benchmarks.md, 2 threads, standalone): 128 ch at 512 px 3.1 TF/s (oneDNN 2.7), 256 at 256
+3.8 (3.3), 512 at 128 and 64 4.0 (3.6). Applies where the CPU has AMX (``amx_bf16``, Intel Xeon since
+Sapphire Rapids), channels are multiples of 32 and the width a multiple of 32; the rest stays on oneDNN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn as nn
+
+from . import groupnorm
+from .cbuild import PRELUDE, build, cpu_flags
+from .packed_cache import PackedCache
+
+CL = torch.channels_last
+CHUNK_BYTES = 640 << 10  # packed weights per output-channel chunk: 128x128 and 512x64 (x 9 taps) fit with the rows
+
+_SOURCE = PRELUDE + r"""
+#include <immintrin.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+/* Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA,
+   Documentation/arch/x86/xstate.rst); process-wide, so asking again is harmless (oneDNN asks too). */
+int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+struct tilecfg { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((packed));
+
+static void tiles_on(void) {  /* 8 tiles of 16 rows x 64 bytes: A0 A1 (inputs), B0 B1 (weights), C00 C01 C10 C11 */
+  struct tilecfg c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; i++) { c.colsb[i] = 64; c.rows[i] = 16; }
+  _tile_loadconfig(&c);
+}
+
+static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+/* (n, mean, M2) += a part of nb values (Chan, Golub & LeVeque) */
+static void chan_merge(double* n, double* mean, double* m2, double nb, double meanb, double m2b) {
+  double t = *n + nb, d = meanb - *mean;
+  *mean += d * nb / t; *m2 += m2b + d * d * *n * nb / t; *n = t;
+}
+
+/* One output pixel of a block: two 16-channel halves from the float tiles in buf, + bias (+ residual), rounded
+   to bf16 (round to nearest even), packed into 64 bytes; u0, u1: the rounded values widened back. */
+static inline __m512i out_px(const float* buf, int i, const float* bias, const uint16_t* res, __m512* u0, __m512* u1) {
+  int m = i >> 4;
+  __m512 v0 = _mm512_add_ps(_mm512_load_ps(buf + (2 * m) * 256 + (i & 15) * 16), _mm512_loadu_ps(bias));
+  __m512 v1 = _mm512_add_ps(_mm512_load_ps(buf + (2 * m + 1) * 256 + (i & 15) * 16), _mm512_loadu_ps(bias + 16));
+  if (res) {
+    v0 = _mm512_add_ps(v0, widen(_mm256_loadu_si256((const __m256i*)res)));
+    v1 = _mm512_add_ps(v1, widen(_mm256_loadu_si256((const __m256i*)(res + 16))));
+  }
+  __m256i h0 = (__m256i)_mm512_cvtneps_pbh(v0), h1 = (__m256i)_mm512_cvtneps_pbh(v1);
+  *u0 = widen(h0); *u1 = widen(h1);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+}
+
+/* Pixels i0..i1-1 of the block of 32 pixels (x0..) x 32 channels (c0..) of output row r, from its float tiles in buf;
+   K, s1, s2 (or NULL): the row's per-channel shift (its first value) and shifted sums, begun at its first pixel. */
+static void emit(const float* buf, int i0, int i1, long r, long x0, long c0, const float* bias, const uint16_t* res,
+                 uint16_t* y, long ys, long W, long Co, int stream, float* K, float* s1, float* s2) {
+  __m512 u0, u1, z = _mm512_setzero_ps(), a0 = z, a1 = z, b0 = z, b1 = z;
+  const uint16_t* rr = res ? res + (r * W + x0) * Co + c0 : NULL;
+  if (K && x0 == 0 && i0 == 0) {
+    out_px(buf, 0, bias + c0, rr, &u0, &u1);
+    _mm512_storeu_ps(K + c0, u0); _mm512_storeu_ps(K + c0 + 16, u1);
+    _mm512_storeu_ps(s1 + c0, z); _mm512_storeu_ps(s1 + c0 + 16, z); _mm512_storeu_ps(s2 + c0, z); _mm512_storeu_ps(s2 + c0 + 16, z);
+  }
+  __m512 k0 = K ? _mm512_loadu_ps(K + c0) : z, k1 = K ? _mm512_loadu_ps(K + c0 + 16) : z;
+  for (int i = i0; i < i1; i++) {
+    __m512i o = out_px(buf, i, bias + c0, rr ? rr + i * Co : NULL, &u0, &u1);
+    uint16_t* yo = y + r * ys + (x0 + i) * Co + c0;
+    if (stream) _mm512_stream_si512((__m512i*)yo, o); else _mm512_storeu_si512(yo, o);
+    u0 = _mm512_sub_ps(u0, k0); u1 = _mm512_sub_ps(u1, k1);
+    a0 = _mm512_add_ps(a0, u0); a1 = _mm512_add_ps(a1, u1); b0 = _mm512_fmadd_ps(u0, u0, b0); b1 = _mm512_fmadd_ps(u1, u1, b1);
+  }
+  if (K) {
+    _mm512_storeu_ps(s1 + c0, _mm512_add_ps(_mm512_loadu_ps(s1 + c0), a0));
+    _mm512_storeu_ps(s1 + c0 + 16, _mm512_add_ps(_mm512_loadu_ps(s1 + c0 + 16), a1));
+    _mm512_storeu_ps(s2 + c0, _mm512_add_ps(_mm512_loadu_ps(s2 + c0), b0));
+    _mm512_storeu_ps(s2 + c0 + 16, _mm512_add_ps(_mm512_loadu_ps(s2 + c0 + 16), b1));
+  }
+}
+
+/* y = conv3x3(x) + bias (+ res), one image, stride s, no padding: output (H, W) from xp, (s (H - 1) + 3, s (W - 1) + 3, Ci)
+   bf16 (rows xrs elements apart), which carries the zero border of a padded conv; wp: packed
+   [Co/16][9][Ci/32] tiles of 16 (pairs of input channels) x 16 (outputs) x 2; res: (H, W, Co) or NULL;
+   y: output pixel (0, 0), rows ys elements apart; mom: (3, Co) float64 (n, mean, M2) merged into, or NULL.
+   Ci, Co, occ multiples of 32, occ divides Co, W a multiple of 32; stream: y 64-byte aligned, streaming stores.
+   Each block's output is written while the next block's products run (a ninth of it after each tap): the
+   vector unit and the tile unit work side by side (alone, the output pass cost 27% at 128 channels). */
+void conv3x3_bf16(const uint16_t* xp, const uint16_t* wp, const float* bias, const uint16_t* res, uint16_t* y, long ys,
+                  double* mom, long H, long W, long Ci, long Co, long s, long xrs, long occ, int stream, int nt) {
+  static const int part[10] = {0, 4, 8, 11, 15, 18, 22, 25, 29, 32};  /* pixels emitted after each tap */
+  long nkb = Ci / 32, nch = Co / occ, wob = 9 * nkb * 512;  /* wob: one 16-output block */
+  #pragma omp parallel num_threads(nt)
+  {
+    tiles_on();
+    float* buf = (float*)aligned_alloc(64, (2048 + 3 * Co) * sizeof(float));  /* two blocks' tiles, then K s1 s2 */
+    float *K = mom ? buf + 2048 : NULL, *s1 = buf + 2048 + Co, *s2 = s1 + Co;
+    double* acc = mom ? (double*)calloc(3 * Co, sizeof(double)) : NULL;
+    #pragma omp for schedule(static) collapse(2)
+    for (long ch = 0; ch < nch; ch++)  /* a chunk of output channels whose weights stay in L2 */
+      for (long r = 0; r < H; r++) {
+        int cur = 0, have = 0;
+        long px0 = 0, pc0 = 0;  /* the block waiting to be written: in buf + 1024 * (cur ^ 1) */
+        for (long x0 = 0; x0 < W; x0 += 32)
+          for (long ob = ch * occ / 16; ob < (ch + 1) * occ / 16; ob += 2) {
+            _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+            for (int t = 0; t < 9; t++) {
+              const uint16_t* a = xp + (s * r + t / 3) * xrs + (s * x0 + t % 3) * Ci;  /* (16 pixels s apart, 32 channels) */
+              const uint16_t* b = wp + (ob * 9 + t) * nkb * 512;
+              for (long kb = 0; kb < nkb; kb++) {
+                _tile_loadd(0, a + kb * 32, s * Ci * 2);
+                _tile_loadd(1, a + 16 * s * Ci + kb * 32, s * Ci * 2);
+                _tile_stream_loadd(2, b + kb * 512, 64);  /* read once per block: kept out of L1 */
+                _tile_stream_loadd(3, b + wob + kb * 512, 64);
+                _tile_dpbf16ps(4, 0, 2); _tile_dpbf16ps(5, 0, 3); _tile_dpbf16ps(6, 1, 2); _tile_dpbf16ps(7, 1, 3);
+              }
+              if (have) emit(buf + 1024 * (cur ^ 1), part[t], part[t + 1], r, px0, pc0, bias, res, y, ys, W, Co, stream, K, s1, s2);
+            }
+            float* c = buf + 1024 * cur;
+            _tile_stored(4, c, 64); _tile_stored(5, c + 256, 64); _tile_stored(6, c + 512, 64); _tile_stored(7, c + 768, 64);
+            have = 1; px0 = x0; pc0 = ob * 16; cur ^= 1;
+          }
+        emit(buf + 1024 * (cur ^ 1), 0, 32, r, px0, pc0, bias, res, y, ys, W, Co, stream, K, s1, s2);  /* the row's last */
+        if (acc)  /* the row's W values per channel: mean K + s1 / W, M2 s2 - s1^2 / W, merged in float64 */
+          for (long c = ch * occ; c < (ch + 1) * occ; c++)
+            chan_merge(acc + c, acc + Co + c, acc + 2 * Co + c, (double)W, K[c] + (double)s1[c] / W,
+                       (double)s2[c] - (double)s1[c] * s1[c] / W);
+      }
+    if (acc) {
+      #pragma omp critical
+      for (long c = 0; c < Co; c++)
+        if (acc[c] > 0) chan_merge(mom + c, mom + Co + c, mom + 2 * Co + c, acc[c], acc[Co + c], acc[2 * Co + c]);
+      free(acc);
+    }
+    free(buf);
+    _tile_release();
+  }
+  if (stream) _mm_sfence();
+}
+"""
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if "amx_bf16" not in cpu_flags():
+        return None
+    i64, ptr, i32 = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+    lib = build("amx_conv", _SOURCE, {"amx_request": (i32, []),
+                                      "conv3x3_bf16": (None, [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i32, i32])})
+    # without the permission the first tile instruction kills the process (SIGILL): no library then
+    return lib if lib is not None and lib.amx_request() else None
+
+
+def supported() -> bool:
+    """True where this CPU has AMX bf16, the kernel builds and Linux grants this process the tile state."""
+    return library() is not None
+
+
+def _conv_ok(conv: nn.Module, x: torch.Tensor) -> bool:
+    w = getattr(conv, "weight", None)
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.dilation == (1, 1) and conv.groups == 1
+        and conv.padding_mode == "zeros" and w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+        and x.device.type == "cpu" and x.dim() == 4 and conv.in_channels % 32 == 0 and conv.out_channels % 32 == 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    )
+
+
+def applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv(x)`` can run here: a bf16 3x3 conv, stride 1, zero padding 1, channels and width
+    multiples of 32, no autograd recording (``x``: the conv's input, without its border)."""
+    return _conv_ok(conv, x) and conv.stride == (1, 1) and conv.padding == (1, 1) and x.shape[3] % 32 == 0
+
+
+def applies_strided(conv: nn.Module, x: torch.Tensor) -> bool:
+    """The same for diffusers' Downsample2D conv: 3x3, stride 2, no padding, on ``x`` already padded on the right
+    and bottom; the output width (W - 3) // 2 + 1 a multiple of 32."""
+    return (_conv_ok(conv, x) and conv.stride == (2, 2) and conv.padding == (0, 0) and x.shape[2] >= 3
+            and x.shape[3] >= 3 and ((x.shape[3] - 3) // 2 + 1) % 32 == 0)
+
+
+def packed_weight(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights in AMX's order, bias float32), cached on the module (weight data pointer and version in the key:
+    a replaced or modified weight is repacked); not a buffer, the state dict is unchanged."""
+    w = conv.weight
+    key = (w.data_ptr(), None if w.is_inference() else w._version)
+    cache = conv.__dict__.setdefault("_amx_cache", PackedCache())
+    if cache.get("key") != key:
+        co, ci = conv.out_channels, conv.in_channels
+        # (Co, Ci, 3, 3) -> [Co/16 blocks][9 taps][Ci/32 steps][16 input pairs][16 outputs][2]: a B tile is 16 rows
+        # of 16 (output) x 2 (consecutive input channels), AMX's VNNI order for bf16
+        wt = w.detach().reshape(co // 16, 16, ci // 32, 16, 2, 9).permute(0, 5, 2, 3, 1, 4).contiguous()
+        bias = conv.bias.detach().float().contiguous() if conv.bias is not None else torch.zeros(co)
+        cache.update(key=key, packed=(wt, bias))
+    return cache["packed"]
+
+
+def padded_empty(b: int, c: int, h: int, w: int) -> torch.Tensor:
+    """(B, C, H + 2, W + 2) bf16 channels_last with a zero border (only the border is written here)."""
+    p = torch.empty(b, c, h + 2, w + 2, dtype=torch.bfloat16, memory_format=CL)
+    p[:, :, 0].zero_()
+    p[:, :, h + 1].zero_()
+    p[:, :, 1 : h + 1, 0].zero_()
+    p[:, :, 1 : h + 1, w + 1].zero_()
+    return p
+
+
+def interior(p: torch.Tensor) -> torch.Tensor:
+    """The (B, C, H, W) map inside ``padded_empty``'s border (a view)."""
+    return p[:, :, 1:-1, 1:-1]
+
+
+def _chunk(ci: int, co: int) -> int:
+    """Output channels per chunk: halved from C_out while the chunk's packed weights exceed ``CHUNK_BYTES``."""
+    occ = co
+    while occ > 32 and occ * ci * 18 > CHUNK_BYTES and (occ // 2) % 32 == 0:
+        occ //= 2
+    return occ
+
+
+def conv3x3(conv: nn.Conv2d, xp: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            stats: bool = False) -> torch.Tensor:
+    """``conv(x) (+ residual)`` for x = ``interior(xp)`` (``applies(conv, x)``), or ``conv(xp)`` for a stride-2
+    conv (``applies_strided(conv, xp)``): (B, C_out, H, W) bf16, channels_last, written into ``out`` if given
+    (e.g. another padded map's interior). ``stats``: the output's per-channel mean and M2 attached for the next
+    GroupNorm (``groupnorm.attach_channel_moments``)."""
+    b, ci, hp, wp_ = xp.shape
+    s, co = conv.stride[0], conv.out_channels
+    h, w = (hp - 3) // s + 1, (wp_ - 3) // s + 1  # xp holds the padding: a padding-0 conv of stride s
+    assert xp.is_contiguous(memory_format=CL) and ci == conv.in_channels
+    y = torch.empty(b, co, h, w, dtype=torch.bfloat16, memory_format=CL) if out is None else out
+    assert y.shape == (b, co, h, w) and y.stride(1) == 1 and y.stride(3) == co
+    if residual is not None:
+        residual = residual.contiguous(memory_format=CL)  # (B, C_out, H, W)
+    wt, bias = packed_weight(conv)
+    mom = torch.zeros(b, 3, co, dtype=torch.float64) if stats else None  # (B, [n, mean, M2], C_out)
+    lib, occ = library(), _chunk(ci, co)
+    stream = all(y[k].data_ptr() % 64 == 0 for k in range(b)) and (y.stride(2) * 2) % 64 == 0 and not __import__("os").environ.get("NOSTREAM")
+    for k in range(b):
+        lib.conv3x3_bf16(xp[k].data_ptr(), wt.data_ptr(), bias.data_ptr(),
+                         residual[k].data_ptr() if residual is not None else None, y[k].data_ptr(), y.stride(2),
+                         mom[k].data_ptr() if mom is not None else None, h, w, ci, co, s, wp_ * ci, occ, int(stream),
+                         torch.get_num_threads())
+    if mom is not None:
+        groupnorm.attach_channel_moments(y, mom[:, 1], mom[:, 2])
+    return y
