@@ -260,7 +260,7 @@ def conv3x3(conv: nn.Conv2d, xp: torch.Tensor, residual: torch.Tensor | None = N
     wt, bias = packed_weight(conv)
     mom = torch.zeros(b, 3, co, dtype=torch.float64) if stats else None  # (B, [n, mean, M2], C_out)
     lib, occ = library(), _chunk(ci, co)
-    stream = all(y[k].data_ptr() % 64 == 0 for k in range(b)) and (y.stride(2) * 2) % 64 == 0 and not __import__("os").environ.get("NOSTREAM")
+    stream = all(y[k].data_ptr() % 64 == 0 for k in range(b)) and (y.stride(2) * 2) % 64 == 0
     for k in range(b):
         lib.conv3x3_bf16(xp[k].data_ptr(), wt.data_ptr(), bias.data_ptr(),
                          residual[k].data_ptr() if residual is not None else None, y[k].data_ptr(), y.stride(2),
