@@ -1,5 +1,6 @@
 """AMX 3x3 convolutions (inference/amx_conv.py) against float64 math on the same bf16 values, their GroupNorm
-statistics, the strided-apply GroupNorm kernel they rely on, and the bf16 ResnetBlock2D / Downsample2D paths."""
+statistics, the strided-apply GroupNorm kernel they rely on, and the bf16 ResnetBlock2D / Downsample2D / Upsample2D
+paths."""
 
 from __future__ import annotations
 
@@ -66,6 +67,32 @@ def test_stride2_conv_is_downsample2d():
     ref = F.conv2d(F.pad(x.double(), (0, 1, 0, 1)), conv.weight.double(), conv.bias.double(), stride=2)
     assert y.shape == ref.shape == (2, 64, 5, 64)  # odd height: the last row is dropped
     torch.testing.assert_close(y.double(), ref, rtol=RTOL, atol=ATOL)
+
+
+@needs_amx
+@pytest.mark.parametrize("b,ci,co,h,w", [(1, 32, 32, 3, 32), (2, 64, 96, 5, 64), (1, 512, 512, 2, 32)])
+def test_upsample_is_nearest_2x_then_conv(b, ci, co, h, w):
+    """Upsample2D as four 2x2 sub-pixel convs written in place in the 2x map: float64 math on the same bf16 values
+    (the sub-pixel weights are summed in float32 and rounded to bf16 once, as oneDNN's path does), that path
+    itself, and the attached statistics."""
+    g = torch.Generator().manual_seed(ci + h)
+    conv = _bf16_conv(ci, co)
+    x = torch.randn(b, ci, h, w, generator=g).bfloat16().contiguous(memory_format=CL)
+    y = amx_conv.upsample_conv(conv, x)
+    assert y.shape == (b, co, 2 * h, 2 * w) and y.is_contiguous(memory_format=CL)
+    wsub = bf16.subpixel_weights(conv.weight).to(torch.bfloat16).double()  # (4 C_out, C_in, 2, 2): phase 2a + b
+    out = F.conv2d(x.double(), wsub, conv.bias.double().repeat(4), padding=1)  # (B, 4 C_out, h + 1, w + 1)
+    ref = torch.empty(b, co, 2 * h, 2 * w, dtype=torch.float64)
+    for a in range(2):
+        for c in range(2):
+            k = 2 * a + c
+            ref[:, :, a::2, c::2] = out[:, k * co : (k + 1) * co, a : a + h, c : c + w]
+    torch.testing.assert_close(y.double(), ref, rtol=RTOL, atol=ATOL)
+    theirs = bf16.upsample_conv2d(conv, x)  # oneDNN: the same rounded weights, float sums
+    torch.testing.assert_close(y.double(), theirs.double(), rtol=2 ** -7, atol=1e-2)
+    sums, shifts = getattr(y, "_kl_channel_sums")
+    n = 4 * h * w
+    torch.testing.assert_close(shifts.double() + sums[:, 0] / n, y.double().mean((2, 3)), rtol=0, atol=1e-6)
 
 
 @needs_amx
@@ -137,14 +164,15 @@ def test_packed_weights_follow_changes_and_are_not_state():
 
 
 @needs_amx
-def test_resnet_and_downsample_run_on_amx_and_match_the_onednn_path(monkeypatch):
-    """A bf16 encode/decode with AMX blocks: each block and downsampler of the first levels takes the AMX path
+def test_network_runs_on_amx_and_matches_the_onednn_path(monkeypatch):
+    """A bf16 encode/decode with AMX blocks: blocks, down- and upsamplers of the wide levels take the AMX path
     (counted), and the result is as close to fp32 eager as the oneDNN-only path's and diffusers' own bf16."""
     vae = perturb(ka.create(WIDE))
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
     calls = []
-    real = amx_conv.conv3x3
+    real, real_up = amx_conv.conv3x3, amx_conv.upsample_conv
     monkeypatch.setattr(amx_conv, "conv3x3", lambda conv, xp, **kw: calls.append(conv.stride) or real(conv, xp, **kw))
+    monkeypatch.setattr(amx_conv, "upsample_conv", lambda conv, x, **kw: calls.append("up") or real_up(conv, x, **kw))
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
         ref = vae.decode(z).sample  # fp32 eager
@@ -158,7 +186,7 @@ def test_resnet_and_downsample_run_on_amx_and_match_the_onednn_path(monkeypatch)
         monkeypatch.setattr(amx_conv, "supported", lambda: False)
         onednn_z = ka.encode_moments(ours_vae, x)[0]
         onednn = ka.decode(ours_vae, ka.normalize_latents(ours_vae, z))
-    assert n_amx > 0 and len(calls) == n_amx and (2, 2) in calls and (1, 1) in calls
+    assert n_amx > 0 and len(calls) == n_amx and {(2, 2), (1, 1), "up"} <= set(calls)
     p_ours, p_onednn, p_theirs = (psnr(a.clamp(-1, 1), ref.clamp(-1, 1)) for a in (ours, onednn, theirs))
     assert p_ours >= min(p_onednn, p_theirs) - 0.5
     assert (ours_z - z).abs().max() <= 1.5 * max((onednn_z - z).abs().max(), (theirs_z - z).abs().max()) + 1e-3

@@ -237,6 +237,8 @@ def _fast_upsample_forward(self: nn.Module, hidden_states: torch.Tensor, output_
         if _fp32_ok(x, self.conv.weight) and use_winograd(self.conv):
             return winograd_upsample_conv2d(self.conv, x)  # (B, C, 2H, 2W)
         if _bf16_ok(self.conv, x):
+            if amx_conv.applies(self.conv, x) and amx_conv.supported():
+                return amx_conv.upsample_conv(self.conv, x)  # (B, C, 2H, 2W) channels_last, norm1's statistics
             return bf16.upsample_conv2d(self.conv, x)  # (B, C, 2H, 2W) channels_last
     return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
 
