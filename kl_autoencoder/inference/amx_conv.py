@@ -1,23 +1,28 @@
-"""bf16 3x3 convolutions by AMX tile instructions on a zero-bordered channels_last map, with the next
-GroupNorm's statistics from the same pass.
+"""bf16 convolutions by AMX tile instructions: the 3x3 convs of a ResnetBlock2D and Downsample2D, and
+Upsample2D's sub-pixel convs, with the next GroupNorm's statistics from the same pass.
 
-Why: in the bf16 SD encoder at 512 px the convolutions are ~75% of the time and oneDNN's AMX kernels ran
+Why: in the bf16 SD encoder at 512 px the convolutions were ~75% of the time and oneDNN's AMX kernels ran
 the ResnetBlock2D convs at 2.4 (128 channels at 512 px) to 3.3 TF/s in the network; each of their outputs
-was then read once more for GroupNorm statistics (a 64 MB map at ~13 GB/s: ~5 ms). Here a 3x3, stride-1,
-padding-1 conv is an implicit GEMM on AMX (``TDPBF16PS``: 16 x 32 bf16 times 32 x 16 bf16 into 16 x 16
-float per instruction): for each output row, 32 pixels x 32 output channels accumulate in four 16 x 16
-tiles over the 9 taps x C_in / 32 steps; the input tiles are read straight from the map (16 pixels, a
-64-byte channel slice each, row stride C_in), which is why the input carries a zero border (no edge cases;
-the GroupNorm + SiLU pass that precedes every such conv writes it there). The weights, packed once per
-layer in the VNNI pairs AMX reads, are streamed (``TILELOADDT1``) so the input rows stay in L1, and split
-into chunks of output channels that fit in L2 with the rows they meet. Each output is bias (+ residual)
-added to the float sum and rounded once to bf16 (oneDNN's post-ops do the same); the kernel also sums the
-rounded values per channel (per output row from its first value, merged across rows and threads in float64
-by Chan's update), the statistics of the GroupNorm that follows (``groupnorm.attach_channel_moments``).
+was then read once more for GroupNorm statistics (a 64 MB map at ~13 GB/s: ~5 ms). Here a conv is an
+implicit GEMM on AMX (``TDPBF16PS``: 16 x 32 bf16 times 32 x 16 bf16 into 16 x 16 float per instruction):
+for each output row, 32 pixels x 32 output channels accumulate in four 16 x 16 tiles over the taps x C_in / 32
+steps; the input tiles are read straight from the map (16 pixels, a 64-byte channel slice each, row stride
+s x C_in), which is why the input carries its zero padding (no edge cases: the GroupNorm + SiLU pass that
+precedes a ResnetBlock2D conv writes into a zero-bordered map, Downsample2D pads anyway, the upsampler copies
+its small input into one). The weights, packed once per layer in the VNNI pairs AMX reads, are streamed
+(``TILELOADDT1``) so the input rows stay in L1, and split into chunks of output channels that fit in L2 with the
+rows they meet. Each output is bias (+ residual) added to the float sum and rounded once to bf16 (oneDNN's
+post-ops do the same), written while the next block's products run; the kernel also sums the rounded values
+per channel (per output row from its first value, merged across rows and threads in float64 by Chan's
+update): the statistics of the GroupNorm that follows (``groupnorm.attach_channel_moments``).
 
-Measured (docs/benchmarks.md, 2 threads, standalone): 128 ch at 512 px 3.1 TF/s (oneDNN 2.7), 256 at 256
-3.8 (3.3), 512 at 128 and 64 4.0 (3.6). Applies where the CPU has AMX (``amx_bf16``, Intel Xeon since
-Sapphire Rapids), channels are multiples of 32 and the width a multiple of 32; the rest stays on oneDNN.
+Upsample2D (nearest 2x, then a 3x3 conv) runs as four 2x2 sub-pixel convs on the low-resolution map
+(``subpixel.py``), each phase's outputs written in place in the 2x map (2.25x fewer products, no 2x input).
+
+Measured (docs/benchmarks.md, 2 threads, one conv alone, input out of cache): 128 ch at 512 px 3.8-3.9 TF/s
+(oneDNN 2.7), 256 at 256 4.0 (3.3), 512 at 128 4.0-4.2 (3.6). Applies where the CPU has AMX (``amx_bf16``,
+Intel Xeon since Sapphire Rapids), channels are multiples of 32 and the output width (low-resolution width for
+the upsampler) a multiple of 32; the rest stays on oneDNN (``bf16.py``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ weight`` / ``_convolution_pointwise``: products in bf16, sums in fp32, one round
   real arithmetic: each phase's 2x2 kernel sums the 3x3 taps that read the same low-resolution pixel
   (rounded once to bf16).
 
+On a CPU with AMX the ResnetBlock2D, Downsample2D and Upsample2D convs run on our own AMX kernel instead
+(``amx_conv.py``, faster than oneDNN's there); these oneDNN paths serve the other convs and CPUs.
+
 GroupNorm statistics are float32 (``groupnorm.py``). Where the CPU has neither ``avx512_bf16`` nor
 AMX, oneDNN would emulate bf16 (slower than fp32): ``fastconv.optimize`` runs such a model in fp32.
 """

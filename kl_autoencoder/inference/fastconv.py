@@ -14,11 +14,14 @@ This module decides where each piece runs and patches the model (generic: ``nn.C
   and conv2's outputs come from the kernel that writes them), the residual added as conv2's output is
   written, a 1x1 ``conv_shortcut`` as one BLAS product accumulated into it; an Upsample2D as four 2x2
   sub-pixel convolutions on the low-resolution map by Winograd F(7,2); Downsample2D's pad as one copy.
-- bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): every conv through oneDNN on
-  channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in place;
-  every other GroupNorm, e.g. the attention's, through the same kernels), the residual add fused into conv2,
-  Upsample2D as sub-pixel convolutions whose copy also sums the next norm1's statistics, Downsample2D's pad
-  as one strided copy. On a CPU without native bf16,
+- bf16 (model in bf16 on a CPU with avx512_bf16 or AMX, ``bf16.py``): on AMX, a ResnetBlock2D's two 3x3
+  convs, Downsample2D's stride-2 conv and Upsample2D's sub-pixel convs run on our AMX kernel
+  (``amx_conv.py``: GroupNorm + SiLU written into a zero-bordered map it reads, the residual added and the
+  next GroupNorm's statistics summed as it writes); every other conv (and all of them without AMX) through
+  oneDNN on channels_last with packed weights, GroupNorm + SiLU in one pass with fp32 statistics (norm2 in
+  place; every other GroupNorm, e.g. the attention's, through the same kernels), the residual add fused into
+  conv2, Upsample2D as sub-pixel convolutions whose copy also sums the next norm1's statistics, Downsample2D's
+  pad as one strided copy. On a CPU without native bf16,
   ``optimize`` runs the model in fp32 instead (one warning line): emulated bf16 is slower than fp32.
 
 Use::
