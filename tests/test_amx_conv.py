@@ -136,19 +136,18 @@ def test_statistics_of_the_written_output(co, shift):
     torch.testing.assert_close(yd * scale.double()[..., None, None] + sh.double()[..., None, None], ref, rtol=0, atol=1e-4)
 
 
-def test_apply_into_a_view_matches_the_whole_map_apply():
-    """The GroupNorm + SiLU apply on row-strided views (a padded map's interior) == on a plain channels_last map."""
+def test_apply_into_a_view_is_silu_of_the_affine_map():
+    """The GroupNorm + SiLU apply into a row-strided view (a padded map's interior): float64 math on the same values,
+    one bf16 rounding, and nothing outside the view written."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 48, 5, 7, generator=g).bfloat16().contiguous(memory_format=CL)
     scale, shift = torch.randn(2, 48, generator=g), torch.randn(2, 48, generator=g)
-    whole = groupnorm.apply_scale_shift(x, scale, shift, silu=True)
     p = torch.zeros(2, 48, 7, 9, dtype=torch.bfloat16).contiguous(memory_format=CL)
     groupnorm.apply_scale_shift_into(x, p[:, :, 1:-1, 1:-1], scale, shift, silu=True)
-    assert torch.equal(p[:, :, 1:-1, 1:-1], whole)
+    ref = F.silu(x.double() * scale.double()[..., None, None] + shift.double()[..., None, None])
+    torch.testing.assert_close(p[:, :, 1:-1, 1:-1].double(), ref, rtol=2 ** -8, atol=1e-3)
     p[:, :, 1:-1, 1:-1] = 0
     assert not p.any()  # nothing outside the view written
-    ref = F.silu(x.double() * scale.double()[..., None, None] + shift.double()[..., None, None])
-    torch.testing.assert_close(whole.double(), ref, rtol=2 ** -8, atol=1e-3)
 
 
 @needs_amx
@@ -157,6 +156,7 @@ def test_packed_weights_follow_changes_and_are_not_state():
     x = torch.randn(1, 32, 4, 32).bfloat16()
     amx_conv.conv3x3(conv, _padded(x))
     conv.weight.mul_(-1)
+    conv.bias.add_(1)
     y = amx_conv.conv3x3(conv, _padded(x))
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     torch.testing.assert_close(y.double(), ref, rtol=RTOL, atol=ATOL)

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from . import groupnorm
 from .cbuild import PRELUDE, build, cpu_flags
-from .packed_cache import PackedCache
+from .packed_cache import PackedCache, weight_key
 from .subpixel import subpixel_weights
 
 CL = torch.channels_last
@@ -61,12 +61,6 @@ static void tiles_on(void) {  /* 8 tiles of 16 rows x 64 bytes: A0 A1 (inputs), 
 }
 
 static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
-/* (n, mean, M2) += a part of nb values (Chan, Golub & LeVeque) */
-static void chan_merge(double* n, double* mean, double* m2, double nb, double meanb, double m2b) {
-  double t = *n + nb, d = meanb - *mean;
-  *mean += d * nb / t; *m2 += m2b + d * d * *n * nb / t; *n = t;
-}
 
 /* One output pixel of a block: two 16-channel halves from the float tiles in buf, + bias (+ residual), rounded
    to bf16 (round to nearest even), packed into 64 bytes; u0, u1: the rounded values widened back. */
@@ -176,7 +170,7 @@ void conv_bf16(const uint16_t* xp, long xrs, long s, int ph, const uint16_t* wp,
     if (acc) {
       #pragma omp critical
       for (long c = 0; c < Co; c++)
-        if (acc[c] > 0) chan_merge(mom + c, mom + Co + c, mom + 2 * Co + c, acc[c], acc[Co + c], acc[2 * Co + c]);
+        chan_merge(mom + c, mom + Co + c, mom + 2 * Co + c, acc[c], acc[Co + c], acc[2 * Co + c]);
       free(acc);
     }
     free(buf);
@@ -226,12 +220,12 @@ def applies_strided(conv: nn.Module, x: torch.Tensor) -> bool:
             and x.shape[3] >= 3 and ((x.shape[3] - 3) // 2 + 1) % 32 == 0)
 
 
-def packed_weight(conv: nn.Conv2d, kind: str = "conv") -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights in AMX's order, bias float32) for ``kind`` "conv" (the 3x3 taps) or "subpixel" (Upsample2D's four
-    2x2 phases, ``subpixel.py``), cached on the module (weight data pointer and version in the key: a replaced or
-    modified weight is repacked); not a buffer, the state dict is unchanged."""
+def packed_weight(conv: nn.Conv2d, kind: str = "conv") -> torch.Tensor:
+    """The weights in AMX's order for ``kind`` "conv" (the 3x3 taps) or "subpixel" (Upsample2D's four 2x2 phases,
+    ``subpixel.py``), cached on the module (``weight_key``: a replaced or modified weight is repacked); not a
+    buffer, the state dict is unchanged."""
     w = conv.weight
-    key = (w.data_ptr(), None if w.is_inference() else w._version)
+    key = weight_key(w)
     cache = conv.__dict__.setdefault("_amx_cache", PackedCache())
     if cache.get(kind, (None,))[0] != key:
         co, ci = conv.out_channels, conv.in_channels
@@ -241,9 +235,7 @@ def packed_weight(conv: nn.Conv2d, kind: str = "conv") -> tuple[torch.Tensor, to
             taps = subpixel_weights(w.detach()).to(torch.bfloat16).reshape(4, co // 16, 16, ci // 32, 16, 2, 4)
         # -> [phase][C_out/16 blocks][taps][C_in/32 steps][16 input pairs][16 outputs][2]: a B tile is 16 rows of
         # 16 (outputs) x 2 (consecutive input channels), AMX's VNNI order for bf16
-        packed = taps.permute(0, 1, 6, 3, 4, 2, 5).contiguous()
-        bias = conv.bias.detach().float().contiguous() if conv.bias is not None else torch.zeros(co)
-        cache[kind] = (key, (packed, bias))
+        cache[kind] = (key, taps.permute(0, 1, 6, 3, 4, 2, 5).contiguous())
     return cache[kind][1]
 
 
@@ -279,7 +271,9 @@ def _run(conv: nn.Conv2d, kind: str, xp: torch.Tensor, y: torch.Tensor, h: int, 
     assert y.stride(1) == 1 and y.stride(3) == co
     if residual is not None:
         residual = residual.contiguous(memory_format=CL)  # (B, C_out, H, W)
-    wt, bias = packed_weight(conv, kind)
+    wt = packed_weight(conv, kind)
+    bias = conv.bias.detach().float().contiguous() if conv.bias is not None else torch.zeros(co)  # (C_out,), per call:
+    # C_out floats, and a bias changed in place is never stale
     mom = torch.zeros(b, 3, co, dtype=torch.float64) if stats else None  # (B, [n, mean, M2], C_out)
     stream = all(y[k].data_ptr() % 64 == 0 for k in range(b)) and (y.stride(2) * 2) % 64 == 0
     for k in range(b):

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from . import groupnorm
 from .cbuild import PRELUDE, build, cpu_flags
-from .packed_cache import PackedCache
+from .packed_cache import PackedCache, weight_key
 from .subpixel import subpixel_weights
 
 CL = torch.channels_last
@@ -129,7 +129,7 @@ def _packed(conv: nn.Conv2d, kind: str, make, x: torch.Tensor) -> tuple[torch.Te
     (weight data pointer and version in the key, so a replaced or modified weight is repacked); not a buffer,
     the state dict is unchanged."""
     w = conv.weight
-    version, size = (w.data_ptr(), None if w.is_inference() else w._version), tuple(x.shape[1:])
+    version, size = weight_key(w), tuple(x.shape[1:])
     cache = conv.__dict__.setdefault("_bf16_cache", PackedCache())
     entries = cache.get(kind)
     if entries is None or entries[0] != version:

@@ -136,6 +136,15 @@ static inline v16 vsilu(v16 v) {
 #else
 static inline v16 vsilu(v16 x) { return x / (1.0f + vexp(-x)); }
 #endif
+/* Chan et al.'s update: (count, mean, M2) of a channel's values so far, merged with another part's (the GroupNorm
+   statistics our conv kernels compute as they write, winograd_kernels.py and amx_conv.py) */
+static inline void chan_merge(double* cnt, double* mean, double* m2, double n, double mu, double q) {
+  double t = *cnt + n, d = mu - *mean;
+  if (t == 0) return;
+  *mean += d * n / t;
+  *m2 += q + d * d * *cnt * n / t;
+  *cnt = t;
+}
 /* per-thread scratch, kept across calls and grown on demand: multi-MB buffers allocated per call would be
    page-faulted in at every call (~1.5 us per 4 KiB page on the VM measured, docs/benchmarks.md) */
 static __thread char* scratch_buf;

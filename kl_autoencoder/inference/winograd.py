@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from . import groupnorm
 from .cbuild import build, last_level_cache_bytes
-from .packed_cache import PackedCache
+from .packed_cache import PackedCache, weight_key
 from .subpixel import subpixel_weights
 from .winograd_kernels import c_source
 
@@ -100,7 +100,7 @@ def packed_weights(conv: nn.Conv2d, m: int, subpixel: bool = False) -> torch.Ten
     t*t/9 = 7.1x the size of the weight (memory cost in docs/benchmarks.md); 4 x 64/9 = 28x for ``subpixel``.
     """
     w = conv.weight
-    key = (w.data_ptr(), None if w.is_inference() else w._version, m, subpixel)  # inference tensors: no version
+    key = (*weight_key(w), m, subpixel)
     cache = conv.__dict__.get("_fastconv_cache")
     if cache and cache["key"] == key:
         return cache["u"]

@@ -133,14 +133,6 @@ static void write_row_pair(const float* s0, const float* s1, float* yr, long HW,
     }
   }
 }
-/* Chan et al.'s update: (count, mean, M2) of a channel's values so far, merged with another part's */
-static inline void chan_merge(double* cnt, double* mean, double* m2, double n, double mu, double q) {
-  double t = *cnt + n, d = mu - *mean;
-  if (t == 0) return;
-  *mean += d * n / t;
-  *m2 += q + d * d * *cnt * n / t;
-  *cnt = t;
-}
 /* GroupNorm statistics of 16 channels' rows just written (still in L2): per channel, the block's rows
    y[c HW + r W + j], r < nrows, j < ncol, summed in float as deviations from the block's first value, then
    merged in double into (cnt, mean, m2)[c] */
